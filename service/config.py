@@ -1,0 +1,221 @@
+"""eddy's configuration: the only module that reads ``config.toml`` and ``EDDY_*`` variables.
+
+Resolution order (later wins): defaults here, the TOML file, environment variables named
+``EDDY_<SECTION>__<KEY>`` (for example ``EDDY_SERVING__GRPC_PORT=50052``). The result is validated
+once; inner code receives plain values, never this object.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from service.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "config.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    """Where events come from and where bad ones go."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "eddy.events"
+    group_id: str = "eddy"
+    control_topic: str = "eddy.control"
+    deltas_topic: str = "eddy.deltas"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    max_event_bytes: int = Field(1_048_576, gt=0, le=64 * 1_048_576)
+    batch_max_events: int = Field(512, gt=0, le=100_000)
+    poll_timeout_ms: int = Field(100, ge=0, le=60_000)
+    session_timeout_ms: int = Field(10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(1_000, ge=100)
+    dedupe_window: int = Field(1_000_000, ge=0)
+    reconnect_backoff_max_ms: int = Field(5_000, ge=50)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+
+class BackboneSettings(_Section):
+    """The frozen encoder that turns text into features."""
+
+    name: str = "all-MiniLM-L6-v2"
+    runtime: Literal["onnx", "torch"] = "onnx"
+    dim: int = Field(384, gt=0, le=65_536)
+    max_tokens: int = Field(128, ge=8, le=512)
+    batch_size: int = Field(64, gt=0, le=4096)
+    threads: int = Field(0, ge=0, le=256)
+    cache_dir: Path = Path(".eddy/cache")
+
+
+class HeadSettings(_Section):
+    """Which head learns, and its hyperparameters."""
+
+    kind: Literal["ridge", "slda", "ncm"] = "ridge"
+    expansion_width: int = Field(2048, ge=0, le=65_536)
+    seed: int = Field(0, ge=0)
+    ridge_lambda: Literal["gcv"] | float = "gcv"
+    gcv_every_seconds: float = Field(30.0, ge=0)
+    slda_shrinkage: float = Field(1e-4, ge=0, le=1)
+    temperature: Literal["auto"] | float = "auto"
+
+    @field_validator("ridge_lambda", "temperature")
+    @classmethod
+    def _positive(cls, v: Any) -> Any:
+        if isinstance(v, float) and not v > 0:
+            raise ValueError(f"must be 'auto'/'gcv' or a positive number, got {v}")
+        return v
+
+
+class MemorySettings(_Section):
+    """The FAISS replay memory."""
+
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    max_items: int = Field(20_000, ge=0)
+    max_bytes: int | None = Field(None, gt=0)
+    recency_weight: float = Field(0.0, ge=0, le=1)
+    error_compensation: bool = False
+    use_gpu: Literal["auto", "never"] = "auto"
+
+
+class ExportSettings(_Section):
+    """When to export a new model and the gates it must pass."""
+
+    every_events: int = Field(1_000, gt=0)
+    every_seconds: float = Field(0.25, gt=0)
+    keep: int = Field(10, ge=1)
+    registry_dir: Path = Path(".eddy/models")
+    parity_tolerance: float = Field(1e-4, gt=0)
+    max_accuracy_drop: float = Field(0.02, ge=0, le=1)
+    holdout_size: int = Field(512, ge=0)
+
+
+class ServingSettings(_Section):
+    """The gRPC inference server."""
+
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(50051, ge=0, le=65_535)
+    model_name: str = "eddy"
+    max_message_bytes: int = Field(4 * 1_048_576, gt=1024)
+    max_batch: int = Field(1024, gt=0)
+    max_text_chars: int = Field(10_000, gt=0)
+    request_timeout_s: float = Field(5.0, gt=0)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    admin_token: SecretStr | None = None
+    predict_token: SecretStr | None = None
+    follow_seconds: float = Field(0.2, gt=0)
+
+
+class MetricsSettings(_Section):
+    """The Prometheus endpoint (also serves /healthz and /readyz)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9100, ge=0, le=65_535)
+    log_every_seconds: float = Field(5.0, gt=0)
+
+
+class CheckpointSettings(_Section):
+    """Snapshots of state and offsets."""
+
+    dir: Path = Path(".eddy/checkpoints")
+    every_events: int = Field(5_000, gt=0)
+    every_seconds: float = Field(10.0, gt=0)
+    keep: int = Field(3, ge=1)
+
+
+class Settings(BaseSettings):
+    """The whole, validated configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDDY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        toml_file=None,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    backbone: BackboneSettings = BackboneSettings()
+    head: HeadSettings = HeadSettings()
+    memory: MemorySettings = MemorySettings()
+    export: ExportSettings = ExportSettings()
+    serving: ServingSettings = ServingSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_toml_path())
+        return (init_settings, env_settings, toml)
+
+
+_TOML_OVERRIDE: list[Path | None] = [None]
+
+
+def _toml_path() -> Path | None:
+    path = _TOML_OVERRIDE[0]
+    if path is None:
+        env = os.environ.get("EDDY_CONFIG")
+        path = Path(env) if env else Path(DEFAULT_CONFIG_FILE)
+    return path if path.exists() else None
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate the configuration once.
+
+    ``path`` is the TOML file (default ``$EDDY_CONFIG`` or ``./config.toml``; a missing default file
+    means defaults). ``overrides`` are section dicts that win over everything (used by tests).
+    Raises ``ConfigError`` whose message has one line per problem: key, value, expectation.
+    """
+    if path is not None and not Path(path).exists():
+        raise ConfigError(f"config file {path}: not found")
+    _TOML_OVERRIDE[0] = Path(path) if path is not None else None
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    finally:
+        _TOML_OVERRIDE[0] = None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per error: ``section.key: got 'value': expectation``."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        shown = "<missing>" if err["type"] == "missing" else repr(value)
+        if isinstance(value, dict):
+            shown = "{...}"
+        lines.append(f"{key}: got {shown}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain data, with every secret replaced by ``'**********'``."""
+    return settings.model_dump(mode="json")

@@ -1,0 +1,25 @@
+"""The few error types eddy raises, under one base.
+
+Each message says what was expected and what came. Foreign errors (Kafka, gRPC, onnxruntime)
+are translated into these once, at the boundary that meets them.
+"""
+
+
+class EddyError(Exception):
+    """Base of every error eddy raises on purpose."""
+
+
+class ConfigError(EddyError):
+    """The configuration is invalid; the message names the key, the value and what was expected."""
+
+
+class BrokerError(EddyError):
+    """The local Kafka runner could not do what was asked (missing Java/Maven, broker not answering)."""
+
+
+class ModelError(EddyError):
+    """A model could not be built, exported, validated or found."""
+
+
+class CheckpointError(EddyError):
+    """No usable snapshot could be read or written."""

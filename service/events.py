@@ -1,0 +1,183 @@
+"""The event contract: frozen event types and ``decode(bytes) -> Event | Rejection``.
+
+A labeled event is a JSON object with ``id`` (non-empty string), ``label`` (non-empty string of at
+most 256 characters), exactly one of ``text`` (string) or ``features`` (array of finite numbers
+whose length equals the configured dimension), and optional ``ts`` (number) and ``meta`` (object).
+Anything else is rejected with a reason code; rejections are data, never exceptions, so a bad
+event can never stop the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MAX_LABEL_CHARS = 256
+MAX_ID_CHARS = 256
+REQUIRED = frozenset({"id", "label"})
+ALLOWED = frozenset({"id", "label", "text", "features", "ts", "meta"})
+
+# Reason codes, bounded so they can be a metric label.
+REASONS = (
+    "too_large",
+    "not_utf8",
+    "not_json",
+    "not_object",
+    "missing_field",
+    "unknown_field",
+    "bad_type",
+    "bad_id",
+    "bad_label",
+    "text_and_features",
+    "no_input",
+    "non_finite",
+    "wrong_dimension",
+    "embed_failed",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A valid labeled event. ``features`` is float32 of shape ``(dim,)`` or None when ``text`` is set."""
+
+    id: str
+    label: str
+    text: str | None = None
+    features: np.ndarray | None = None
+    ts: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A bad event: ``reason`` is one of ``REASONS``; ``detail`` says what was expected and what came."""
+
+    reason: str
+    detail: str
+
+
+class _BadEvent(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _reject_constant(name: str) -> Any:
+    raise _BadEvent("non_finite", f"JSON constant {name} is not allowed; numbers must be finite")
+
+
+def decode(raw: bytes | None, *, dim: int, max_bytes: int) -> Event | Rejection:
+    """Decode one Kafka message value. Never raises: a bad message becomes a ``Rejection``."""
+    try:
+        return _decode(raw, dim=dim, max_bytes=max_bytes)
+    except _BadEvent as bad:
+        return Rejection(bad.reason, bad.detail)
+
+
+def _decode(raw: bytes | None, *, dim: int, max_bytes: int) -> Event:
+    if raw is None:
+        raise _BadEvent("not_json", "message has no value (tombstone)")
+    if len(raw) > max_bytes:
+        raise _BadEvent("too_large", f"message is {len(raw)} bytes, at most {max_bytes} allowed")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BadEvent("not_utf8", f"message is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise _BadEvent("not_json", f"message is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise _BadEvent("not_object", f"expected a JSON object, got {type(obj).__name__}")
+    return _from_object(obj, dim)
+
+
+def _from_object(obj: dict[str, Any], dim: int) -> Event:
+    missing = REQUIRED - obj.keys()
+    if missing:
+        raise _BadEvent("missing_field", f"missing required field(s): {', '.join(sorted(missing))}")
+    unknown = obj.keys() - ALLOWED
+    if unknown:
+        shown = ", ".join(sorted(str(k)[:50] for k in unknown)[:5])
+        raise _BadEvent("unknown_field", f"unknown field(s): {shown}; allowed: {', '.join(sorted(ALLOWED))}")
+    event_id, label = obj["id"], obj["label"]
+    if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID_CHARS:
+        raise _BadEvent("bad_id", f"'id' must be a non-empty string of at most {MAX_ID_CHARS} chars")
+    if not isinstance(label, str) or not label.strip() or len(label) > MAX_LABEL_CHARS:
+        raise _BadEvent("bad_label", f"'label' must be a non-empty string of at most {MAX_LABEL_CHARS} chars")
+    has_text, has_features = obj.get("text") is not None, obj.get("features") is not None
+    if has_text and has_features:
+        raise _BadEvent("text_and_features", "give exactly one of 'text' or 'features', not both")
+    if not has_text and not has_features:
+        raise _BadEvent("no_input", "give exactly one of 'text' or 'features'")
+    ts = _timestamp(obj.get("ts"))
+    if "meta" in obj and obj["meta"] is not None and not isinstance(obj["meta"], dict):
+        raise _BadEvent("bad_type", f"'meta' must be an object, got {type(obj['meta']).__name__}")
+    if has_text:
+        if not isinstance(obj["text"], str) or not obj["text"].strip():
+            raise _BadEvent("bad_type", "'text' must be a non-empty string")
+        return Event(event_id, label, text=obj["text"], ts=ts)
+    return Event(event_id, label, features=_features(obj["features"], dim), ts=ts)
+
+
+def _timestamp(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _BadEvent("bad_type", f"'ts' must be a finite number, got {str(value)[:50]}")
+    return float(value)
+
+
+def _features(value: Any, dim: int) -> np.ndarray:
+    if not isinstance(value, list):
+        raise _BadEvent("bad_type", f"'features' must be an array of numbers, got {type(value).__name__}")
+    if len(value) != dim:
+        raise _BadEvent("wrong_dimension", f"got {len(value)} features, expected {dim}")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        raise _BadEvent("bad_type", "'features' must contain only numbers")
+    arr = np.asarray(value, dtype=np.float64)
+    if not np.isfinite(arr).all() or np.abs(arr).max(initial=0.0) > np.finfo(np.float32).max:
+        raise _BadEvent("non_finite", "'features' must be finite float32 numbers")
+    return arr.astype(np.float32)
+
+
+def encode(event_id: str, label: str, *, text: str | None = None, features: Any = None,
+           ts: float | None = None, meta: dict[str, Any] | None = None) -> bytes:
+    """Serialise an event to the wire format (used by ``eddy produce``, tests and benchmarks)."""
+    obj: dict[str, Any] = {"id": event_id, "label": label}
+    if text is not None:
+        obj["text"] = text
+    if features is not None:
+        obj["features"] = [float(v) for v in features]
+    if ts is not None:
+        obj["ts"] = ts
+    if meta is not None:
+        obj["meta"] = meta
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def json_schema(dim: int) -> dict[str, Any]:
+    """The JSON Schema of a labeled event, as printed by ``eddy schema``."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "eddy labeled event",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["id", "label"],
+        "properties": {
+            "id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS,
+                   "description": "unique per event; repeats within the dedupe window are skipped"},
+            "label": {"type": "string", "minLength": 1, "maxLength": MAX_LABEL_CHARS},
+            "text": {"type": "string", "minLength": 1, "description": "embedded by the backbone"},
+            "features": {"type": "array", "items": {"type": "number"}, "minItems": dim, "maxItems": dim,
+                         "description": f"precomputed finite features of length {dim}"},
+            "ts": {"type": "number", "description": "producer timestamp, seconds since the epoch"},
+            "meta": {"type": "object"},
+        },
+        "oneOf": [{"required": ["text"], "not": {"required": ["features"]}},
+                  {"required": ["features"], "not": {"required": ["text"]}}],
+    }
