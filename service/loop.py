@@ -1,0 +1,331 @@
+"""The learn loop: consume a batch, learn it, export on schedule, snapshot, commit offsets.
+
+One thread owns the learner. Its cycle::
+
+    poll -> learn_batch (bad events -> dead-letter topic) -> forget requests
+         -> every N events / T seconds, if changed: export -> gates -> swap
+         -> every N events / T seconds: flush dead letters -> snapshot -> commit offsets (mirror)
+
+Offsets move to Kafka only after a snapshot covers them; on start and on every partition
+assignment the consumer seeks to the snapshot's offsets. A crash therefore replays exactly the
+events after the last snapshot into the state of that snapshot: nothing is lost or counted twice.
+Dead letters written after the last snapshot are written again on replay with the same key
+(``topic:partition:offset``), so DLQ consumers can drop repeats by key (the DLQ is compacted).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from service import metrics
+from service.batch import Embed, Predict, Record, learn_batch, tp_key
+from service.checkpoint import SnapshotStore
+from service.exporter import Exporter
+from service.forget import Refetch, apply_forget, parse_control
+from service.kafka import DeadLetterWriter
+from service.state import LearnerState
+from service.window import RecentRows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """Plain settings of the learn loop."""
+
+    topic: str
+    control_topic: str
+    dim: int
+    max_event_bytes: int
+    batch_max_events: int
+    poll_timeout_ms: int
+    export_every_events: int
+    export_every_seconds: float
+    snapshot_every_events: int
+    snapshot_every_seconds: float
+    log_every_seconds: float
+    holdout_size: int
+    gcv_every_seconds: float
+    head_label: str
+
+
+class LearnLoop:
+    """Owns the consumer and the learner state; ``run`` until ``stop`` is set."""
+
+    def __init__(self, *, consumer: KafkaConsumer, dlq: DeadLetterWriter, state: LearnerState,
+                 store: SnapshotStore, exporter: Exporter | None, embed: Embed | None,
+                 refetch: Refetch, options: LoopOptions, predict: Predict | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self.consumer = consumer
+        self.dlq = dlq
+        self.state = state
+        self.store = store
+        self.exporter = exporter
+        self.embed = embed
+        self.refetch = refetch
+        self.opt = options
+        self.predict = predict
+        self.on_batch = on_batch
+        self.recent = RecentRows(options.holdout_size, options.dim)
+        self._since_export = 0
+        self._since_snapshot = 0
+        self._changed = False
+        self._pending_since: float | None = None
+        self._last_export = self._last_snapshot = self._last_log = self._last_gcv = time.monotonic()
+        self._export_cost = 0.0
+        self._log_counts = {"learned": 0, "dead_letter": 0, "duplicate": 0}
+        self.correct = self.predicted = 0
+        self.alive = threading.Event()
+        self._tasks: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the learner thread between batches (admin RPCs); returns its future."""
+        future: Future[Any] = Future()
+        self._tasks.put((fn, future))
+        return future
+
+    def _run_tasks(self) -> None:
+        while not self._tasks.empty():
+            fn, future = self._tasks.get_nowait()
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set, then snapshot and return."""
+        self.consumer.subscribe([self.opt.topic, self.opt.control_topic], listener=_Rebalance(self))
+        try:
+            while not stop.is_set():
+                self.step()
+        finally:
+            self.snapshot("shutdown")
+
+    def step(self) -> None:
+        """One poll-learn-maybe-export-maybe-snapshot cycle."""
+        self.alive.set()
+        polled = self.consumer.poll(timeout_ms=self.opt.poll_timeout_ms, max_records=self.opt.batch_max_events)
+        now = time.time()
+        events: list[Record] = []
+        for tp, msgs in polled.items():
+            for m in msgs:
+                rec = Record(tp.topic, tp.partition, m.offset, m.value, tuple(m.headers or ()), now)
+                if tp.topic == self.opt.control_topic:
+                    self._control(rec)
+                else:
+                    events.append(rec)
+        if events:
+            self._learn(events)
+        self._run_tasks()
+        self._maybe_export()
+        self._maybe_snapshot()
+        self._maybe_log()
+
+    # -- learning ----------------------------------------------------------------------------
+    def _learn(self, records: list[Record]) -> None:
+        start = time.perf_counter()
+        out = learn_batch(self.state, records, embed=self.embed, dim=self.opt.dim,
+                          max_event_bytes=self.opt.max_event_bytes, predict=self.predict)
+        for dl in out.dead_letters:
+            self.dlq.send(dl.record.value, reason=dl.reason, detail=dl.detail, topic=dl.record.topic,
+                          partition=dl.record.partition, offset=dl.record.offset, headers=list(dl.record.headers))
+            metrics.DEAD_LETTERS.labels(reason=dl.reason).inc()
+        metrics.EVENTS.labels(result="learned").inc(out.learned)
+        metrics.EVENTS.labels(result="duplicate").inc(out.duplicates)
+        metrics.EVENTS.labels(result="dead_letter").inc(len(out.dead_letters))
+        metrics.EVENTS.labels(result="forgotten").inc(out.skipped_forgotten)
+        metrics.LEARN_BATCH_SECONDS.observe(time.perf_counter() - start)
+        self.correct += out.correct
+        self.predicted += out.predicted
+        if out.X is not None and out.learned:
+            self.recent.extend(out.X, out.labels)
+            self._changed = True
+            if self._pending_since is None:
+                self._pending_since = records[0].received_at
+        if out.new_classes:
+            self._last_export = 0.0  # a new class is exported as soon as possible
+        self._since_export += len(records)
+        self._since_snapshot += len(records)
+        for key, n in (("learned", out.learned), ("dead_letter", len(out.dead_letters)),
+                       ("duplicate", out.duplicates)):
+            self._log_counts[key] += n
+        if self.on_batch is not None:
+            self.on_batch(out.learned)
+
+    def _control(self, rec: Record) -> None:
+        key = tp_key(rec.topic, rec.partition)
+        if rec.offset < self.state.offsets.get(key, 0):
+            return
+        self.state.offsets[key] = rec.offset + 1
+        request = parse_control(rec.value)
+        if isinstance(request, str):
+            log.warning("control message at %s offset %d ignored: %s", key, rec.offset, request)
+            self.dlq.send(rec.value, reason="bad_control", detail=request, topic=rec.topic,
+                          partition=rec.partition, offset=rec.offset, headers=list(rec.headers))
+            return
+        self.forget(request)
+
+    def forget(self, request: Any) -> dict[str, Any]:
+        """Apply a forget request now (also used by the admin RPC) and export the result."""
+        result = apply_forget(self.state, request, refetch=self.refetch, embed=self.embed,
+                              dim=self.opt.dim, max_event_bytes=self.opt.max_event_bytes)
+        metrics.EVENTS.labels(result="forgotten").inc(result.forgotten)
+        metrics.FORGET_UNKNOWN_IDS.inc(result.unknown)
+        if result.forgotten:
+            self._changed = True
+            self._last_export = 0.0
+            self._pending_since = self._pending_since or time.time()
+        return vars(result)
+
+    # -- export ------------------------------------------------------------------------------
+    def _maybe_export(self) -> None:
+        if self.exporter is None or not self._changed:
+            return
+        now = time.monotonic()
+        # Never spend more than about half the loop's time exporting.
+        interval = max(self.opt.export_every_seconds, 2 * self._export_cost)
+        if self._since_export < self.opt.export_every_events and now - self._last_export < interval:
+            return
+        self.export_now()
+
+    def export_now(self) -> int | None:
+        """Export the current head through the gates; return the new version, if one was applied."""
+        if self.exporter is None:
+            return None
+        if time.monotonic() - self._last_gcv > self.opt.gcv_every_seconds:
+            self._refit()
+        pending = self._pending_since
+        X, labels = self.recent.rows()
+        result = self.exporter.export(self.state.head, probe=X[-64:], window=(X, labels),
+                                      offsets=dict(self.state.offsets))
+        self._last_export, self._since_export = time.monotonic(), 0
+        self._export_cost = result.seconds
+        self._changed = False
+        if result.applied and result.version is not None:
+            self.state.model_version = result.version
+            if pending is not None:
+                metrics.LABEL_TO_SERVABLE_SECONDS.observe(max(time.time() - pending, 0.0))
+            self._pending_since = None
+        return result.version
+
+    def _refit(self) -> None:
+        """Re-choose hyperparameters that depend on all data (ridge's lambda), off the hot path."""
+        self._last_gcv = time.monotonic()
+        choose = getattr(self.state.head, "choose_lambda", None)
+        if callable(choose):
+            choose()
+
+    # -- snapshots ---------------------------------------------------------------------------
+    def _maybe_snapshot(self) -> None:
+        if self._since_snapshot == 0:
+            return
+        due = time.monotonic() - self._last_snapshot >= self.opt.snapshot_every_seconds
+        if due or self._since_snapshot >= self.opt.snapshot_every_events:
+            self.snapshot("periodic")
+
+    def snapshot(self, why: str) -> None:
+        """Flush dead letters, write a snapshot, then mirror its offsets to Kafka."""
+        start = time.perf_counter()
+        self.dlq.flush()
+        self.store.write(self.state.state_dict())
+        seconds = time.perf_counter() - start
+        metrics.SNAPSHOT_SECONDS.observe(seconds)
+        metrics.LAST_SNAPSHOT_TIMESTAMP.set(time.time())
+        self._last_snapshot, self._since_snapshot = time.monotonic(), 0
+        log.debug("snapshot (%s) in %.3f s", why, seconds)
+        self._commit_mirror()
+
+    def _commit_mirror(self) -> None:
+        offsets = {}
+        for tp in self.consumer.assignment():
+            nxt = self.state.offsets.get(tp_key(tp.topic, tp.partition))
+            if nxt is not None:
+                offsets[tp] = OffsetAndMetadata(nxt, "", -1)
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets)
+        except Exception as exc:  # the mirror is best effort: the snapshot is the source of truth
+            log.warning("offset commit to Kafka failed (snapshot is safe): %s", exc)
+
+    def seek_to_state(self, partitions: list[TopicPartition]) -> None:
+        """Position assigned partitions at the offsets the state covers (or the beginning)."""
+        fresh = []
+        for tp in partitions:
+            nxt = self.state.offsets.get(tp_key(tp.topic, tp.partition))
+            if nxt is None:
+                fresh.append(tp)
+            else:
+                self.consumer.seek(tp, nxt)
+        if fresh:
+            self.consumer.seek_to_beginning(*fresh)
+
+    # -- observability -----------------------------------------------------------------------
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        dt = now - self._last_log
+        if dt < self.opt.log_every_seconds:
+            return
+        self._last_log = now
+        lag = self._update_lag()
+        metrics.BROKER_UP.set(1 if _broker_up(self.consumer) else 0)
+        if self.predicted:
+            metrics.PREQUENTIAL_ACCURACY.labels(head=self.opt.head_label).set(self.correct / self.predicted)
+        metrics.CLASSES.set(len(self.state.head.classes_))
+        if self.state.memory is not None:
+            metrics.MEMORY_ITEMS.set(len(self.state.memory))
+            metrics.MEMORY_BYTES.set(self.state.memory.nbytes)
+        c = self._log_counts
+        acc = f"{self.correct / self.predicted:.3f}" if self.predicted else "-"
+        log.info("learned %.0f/s  dead-letter %.1f/s  duplicates %d  lag %d  classes %d  model v%d  acc %s",
+                 c["learned"] / dt, c["dead_letter"] / dt, c["duplicate"], lag,
+                 len(self.state.head.classes_), self.state.model_version, acc)
+        self._log_counts = dict.fromkeys(c, 0)
+        self.correct = self.predicted = 0
+
+    def _update_lag(self) -> int:
+        total = 0
+        for tp in self.consumer.assignment():
+            if tp.topic != self.opt.topic:
+                continue
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            lag = max(high - self.state.offsets.get(tp_key(tp.topic, tp.partition), 0), 0)
+            metrics.CONSUMER_LAG.labels(partition=str(tp.partition)).set(lag)
+            total += lag
+        return total
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Snapshot before partitions leave; seek to the snapshot's offsets when they arrive."""
+
+    def __init__(self, loop: LearnLoop) -> None:
+        self.loop = loop
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        if revoked:
+            self.loop.snapshot("revoke")
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.loop.seek_to_state(list(assigned))
+
+
+def _broker_up(consumer: KafkaConsumer) -> bool:
+    """Whether the consumer holds a live connection to any broker (kafka-python keeps them private)."""
+    try:
+        conns = consumer._client._conns  # noqa: SLF001
+        return any(conn.connected() for conn in list(conns.values()))
+    except Exception:
+        return False
