@@ -106,7 +106,9 @@ class Daemon:
         for t in threads:
             await asyncio.get_running_loop().run_in_executor(None, t.join, 60)
         if server is not None:
-            await server.stop(2.0)
+            from service.grpc.server import stop_server
+
+            await stop_server(server, 2.0)
 
     def _load_current_model(self) -> None:
         from service.served_model import load_served_model
@@ -209,21 +211,20 @@ class Daemon:
 
     # -- health --------------------------------------------------------------------------------
     def health(self) -> Any:
-        """Liveness and readiness for /healthz and /readyz."""
-        from service.http import HealthReport
+        """Liveness and readiness for /healthz and /readyz (rule: ``service.http.assess``)."""
+        from service.http import assess
 
-        reasons = []
-        live = True
-        if self.loop is not None and not self.loop.alive.is_set():
-            reasons.append("learner has not completed a cycle yet")
-        if self.role in ("all", "serve") and self.slot.get() is None:
-            reasons.append("no model is served yet")
-        if self.role in ("all", "learn") and metrics.BROKER_UP._value.get() == 0:  # noqa: SLF001
-            reasons.append("Kafka broker unreachable")
         model = self.slot.get()
-        details = {"role": self.role, "model_version": model.version if model else None,
-                   "time": time.time()}
-        return HealthReport(live=live, ready=not reasons, reasons=reasons, details=details)
+        learner_alive = self.loop is None or self._learner_thread_alive()
+        return assess(
+            loop_alive=learner_alive, model_served=model is not None,
+            broker_up=metrics.BROKER_UP._value.get() == 1,  # noqa: SLF001
+            serves=self.role in ("all", "serve"), learns=self.role in ("all", "learn"),
+            details={"role": self.role, "model_version": model.version if model else None},
+        )
+
+    def _learner_thread_alive(self) -> bool:
+        return any(t.name == "learner" and t.is_alive() for t in threading.enumerate())
 
     def close(self) -> None:
         """Close sockets and clients (best effort, in reverse order of opening)."""

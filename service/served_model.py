@@ -77,7 +77,8 @@ class ServedModel:
                     meta=MappingProxyType(dict(meta)), n_features=n_features, backbone=backbone)
         probs = model.predict_features(np.zeros((1, n_features), dtype=np.float32))  # warm-up
         if probs.shape != (1, len(classes)):
-            raise ModelError(f"model outputs {probs.shape[1]} probabilities, but names {len(classes)} classes")
+            raise ModelError(f"model outputs {probs.shape[1]} probabilities, "
+                             f"but its metadata names {len(classes)} classes")
         return model
 
     # -- what clients are told ------------------------------------------------------------------
@@ -142,7 +143,8 @@ class ServedModel:
         """
         if not 1 <= k <= len(self.classes):
             raise ValueError(f"top_k must be between 1 and {len(self.classes)}, got {k}")
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        # k == 1 is the common case: argmax keeps the first of ties, as the stable sort does.
+        order = probs.argmax(axis=1)[:, None] if k == 1 else np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top = np.take_along_axis(probs, order, axis=1)
         return [([self.classes[j] for j in idx], [float(p) for p in row])
                 for idx, row in zip(order.tolist(), top, strict=True)]
@@ -268,7 +270,8 @@ class RegistryFollower:
 
     Every ``interval`` seconds it reads the registry's current version; if it is newer than the
     slot's, it loads, warms and swaps it in. A model that fails to load is logged and retried on
-    the next tick; the old one keeps serving.
+    the next tick; the old one keeps serving. Either ``start()``/``stop()`` its own thread, or call
+    ``run(stop_event)`` from a thread of yours.
     """
 
     def __init__(self, registry: ModelRegistry, slot: ModelSlot, backbone: Backbone | None,
@@ -279,7 +282,8 @@ class RegistryFollower:
         self.interval = interval
         self.threads = threads
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="eddy-registry-follower", daemon=True)
+        self._thread = threading.Thread(target=self.run, args=(self._stop,), name="eddy-registry-follower",
+                                        daemon=True)
         self._failed: int | None = None
 
     def start(self) -> RegistryFollower:
@@ -309,7 +313,8 @@ class RegistryFollower:
         self._failed = None
         return self.slot.swap(model)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set (the first check happens immediately)."""
+        while not stop.is_set():
             self.poll_once()
-            self._stop.wait(self.interval)
+            stop.wait(self.interval)

@@ -19,8 +19,11 @@ from service.served_model import ServedModel
 
 
 class AdminHandler(Protocol):
-    """What the daemon implements for the Admin service. Raise ``ModelError`` or ``ValueError``
-    to refuse (mapped to NOT_FOUND for unknown versions, FAILED_PRECONDITION, INVALID_ARGUMENT)."""
+    """What the daemon implements for the Admin service.
+
+    Raise ``ModelError`` or ``ValueError`` to refuse: a ``ModelError`` starting "unknown model version"
+    becomes NOT_FOUND, any other FAILED_PRECONDITION; ``ValueError`` becomes INVALID_ARGUMENT.
+    """
 
     async def rollback(self, version: int | None) -> int:
         """Serve an earlier model again, as a new version; return that new version."""
@@ -29,7 +32,10 @@ class AdminHandler(Protocol):
         """Export and swap in the learner's current head now; return the served version."""
 
     async def forget(self, ids: list[str], label: str | None) -> dict[str, Any]:
-        """Forget events by id, or a whole label; ``{"forgotten", "unknown", "memory_removed", "partial"}``."""
+        """Forget events by id, or a whole label.
+
+        Returns ``{"forgotten": int, "unknown": int, "memory_removed": int, "partial": bool}``.
+        """
 
 
 def _predictions(labels: list[str], probs: list[float]) -> list[pb.Prediction]:
@@ -55,8 +61,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         kind = request.WhichOneof("input")
         if kind == "features":
             timing.input = "features"
-            probs = await self.predictor.features(model, np.asarray(request.features.values,
-                                                                     dtype=np.float32).reshape(1, -1))
+            values = request.features.values  # fromiter: ~2x faster than asarray on a repeated field
+            row = np.fromiter(values, np.float32, len(values))[None, :]
+            probs = await self.predictor.features(model, row)
         elif kind == "text":
             timing.input = "text"
             probs = await self.predictor.texts(model, [request.text])
@@ -84,7 +91,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.PredictBatchResponse(results=results, model_version=model.version)
 
     @rpc("ModelInfo")
-    async def ModelInfo(self, request: pb.ModelInfoRequest, context: Any, timing: Timing) -> pb.ModelInfoResponse:
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context: Any,
+                        timing: Timing) -> pb.ModelInfoResponse:
         """What is served now: version, classes, input width, provenance."""
         model = self.predictor.model()
         return info(model, self.model_name)
@@ -104,7 +112,10 @@ def _rows(features: Any, d: int) -> np.ndarray:
     for i, row in enumerate(features):
         if len(row.values) != d:
             raise invalid(f"features row {i}: got {len(row.values)} features, expected {d}")
-    return np.array([row.values for row in features], dtype=np.float32).reshape(len(features), d)
+    X = np.empty((len(features), d), dtype=np.float32)
+    for i, row in enumerate(features):
+        X[i] = np.fromiter(row.values, np.float32, d)
+    return X
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -120,7 +131,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         return self.handler
 
     @rpc("Rollback")
-    async def Rollback(self, request: pb.RollbackRequest, context: Any, timing: Timing) -> pb.RollbackResponse:
+    async def Rollback(self, request: pb.RollbackRequest, context: Any,
+                       timing: Timing) -> pb.RollbackResponse:
         """Serve an earlier version's model again, under a new, higher version."""
         version = request.version if request.HasField("version") else None
         with _refusals():
@@ -142,7 +154,8 @@ class AdminServicer(pb_grpc.AdminServicer):
             raise invalid("set exactly one of ids or label")
         with _refusals():
             result = await self._handler().forget(list(request.ids), label)
-        return pb.ForgetResponse(forgotten=int(result.get("forgotten", 0)), unknown=int(result.get("unknown", 0)),
+        return pb.ForgetResponse(forgotten=int(result.get("forgotten", 0)),
+                                 unknown=int(result.get("unknown", 0)),
                                  memory_removed=int(result.get("memory_removed", 0)),
                                  partial=bool(result.get("partial", False)))
 

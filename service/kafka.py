@@ -1,0 +1,272 @@
+"""Kafka clients for eddy: consumer/producer setup, topic creation, offsets, the dead-letter writer.
+
+Every function takes plain arguments (never the settings object). kafka-python's errors are
+translated into ``BrokerError`` here, where they escape; records in flight fail through their
+futures and are reported by ``DeadLetterWriter.flush``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.producer.future import FutureRecordMetadata
+
+from service.errors import BrokerError
+
+DLQ_SUFFIX = ".dlq"
+# Headers the dead-letter writer sets; originals with these names are replaced, not duplicated.
+DLQ_HEADERS = ("eddy.reason", "eddy.detail", "eddy.source.topic", "eddy.source.partition",
+               "eddy.source.offset", "eddy.failed_at", "eddy.truncated")
+MAX_DETAIL_CHARS = 2000
+
+
+def dlq_topic(topic: str) -> str:
+    """The dead-letter topic of ``topic``: ``<topic>.dlq``."""
+    return topic + DLQ_SUFFIX
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSecurity:
+    """How clients authenticate to the brokers (PLAINTEXT needs none of the optional fields)."""
+
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ssl_cafile: Path | str | None = None
+    ssl_certfile: Path | str | None = None
+    ssl_keyfile: Path | str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for kafka-python's clients (unset fields are left out)."""
+        out: dict[str, Any] = {"security_protocol": self.security_protocol}
+        optional = {"sasl_mechanism": self.sasl_mechanism, "sasl_plain_username": self.sasl_username,
+                    "sasl_plain_password": self.sasl_password, "ssl_cafile": self.ssl_cafile,
+                    "ssl_certfile": self.ssl_certfile, "ssl_keyfile": self.ssl_keyfile}
+        for key, value in optional.items():
+            if value is not None:
+                out[key] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+PLAINTEXT = ClientSecurity()
+
+
+def _broker_error(what: str, bootstrap: str, exc: Exception) -> BrokerError:
+    return BrokerError(f"{what} at {bootstrap} failed: {type(exc).__name__}: {exc}")
+
+
+def make_consumer(bootstrap: str, *, group_id: str | None, topics: list[str] | None = None,
+                  security: ClientSecurity | None = None, session_timeout_ms: int = 10_000,
+                  heartbeat_interval_ms: int = 1_000, max_poll_records: int = 500,
+                  auto_offset_reset: str = "earliest", client_id: str = "eddy",
+                  reconnect_backoff_max_ms: int = 5_000, **extra: Any) -> KafkaConsumer:
+    """A consumer that never commits on its own, yields raw ``bytes`` values, reads committed data.
+
+    ``topics=None`` subscribes to nothing (the caller subscribes with its own rebalance
+    listener or assigns partitions). ``extra`` goes to ``KafkaConsumer`` unchanged. Raises
+    ``BrokerError`` when no broker answers within kafka-python's bootstrap timeout (30 s).
+    """
+    sec = security or PLAINTEXT
+    try:
+        consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=group_id, client_id=client_id,
+            enable_auto_commit=False, isolation_level="read_committed",
+            auto_offset_reset=auto_offset_reset, max_poll_records=max_poll_records,
+            session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=heartbeat_interval_ms,
+            reconnect_backoff_max_ms=reconnect_backoff_max_ms, **sec.kwargs(), **extra,
+        )
+    except KafkaError as exc:
+        raise _broker_error("connecting a consumer", bootstrap, exc) from None
+    if topics:
+        consumer.subscribe(topics)
+    return consumer
+
+
+def make_producer(bootstrap: str, *, security: ClientSecurity | None = None, acks: str | int = "all",
+                  linger_ms: int = 5, enable_idempotence: bool = True, transactional_id: str | None = None,
+                  client_id: str = "eddy", max_block_ms: int = 30_000, **extra: Any) -> KafkaProducer:
+    """A producer for raw ``bytes`` keys and values; idempotent by default.
+
+    kafka-python 3 implements the idempotent producer (KIP-98, on by default since KIP-679): retries
+    after a lost acknowledgement do not duplicate records within one producer session. Idempotence
+    needs ``acks='all'``; asking for both idempotence and another ``acks`` raises. A
+    ``transactional_id`` makes it transactional (the caller runs ``init_transactions()`` once).
+    ``max_block_ms`` bounds how long ``send`` blocks when metadata or buffer space is missing.
+    Raises ``BrokerError`` when no broker answers within the bootstrap timeout (30 s).
+    """
+    sec = security or PLAINTEXT
+    try:
+        return KafkaProducer(bootstrap_servers=bootstrap, acks=acks, linger_ms=linger_ms,
+                             enable_idempotence=enable_idempotence, transactional_id=transactional_id,
+                             client_id=client_id, max_block_ms=max_block_ms, **sec.kwargs(), **extra)
+    except KafkaError as exc:
+        raise _broker_error("connecting a producer", bootstrap, exc) from None
+
+
+def _admin(bootstrap: str, security: ClientSecurity | None) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="eddy-admin",
+                                **(security or PLAINTEXT).kwargs())
+    except KafkaError as exc:
+        raise _broker_error("connecting an admin client", bootstrap, exc) from None
+
+
+def ensure_topics(bootstrap: str, topics: Mapping[str, int], security: ClientSecurity | None = None, *,
+                  compacted: Collection[str] = frozenset(), timeout_s: float = 30.0) -> list[str]:
+    """Create the topics that do not exist yet; return the names created.
+
+    ``topics`` maps name -> partition count; the replication factor is the cluster's default.
+    Topics in ``compacted`` get ``cleanup.policy=compact``. Existing topics are left as they are
+    (their partitions and configs are not changed); a topic created concurrently by someone else
+    counts as existing. Returns once every created topic has a leader for every partition.
+    """
+    admin = _admin(bootstrap, security)
+    try:
+        missing = [name for name in topics if name not in set(admin.list_topics())]
+        if not missing:
+            return []
+        spec = {name: {"num_partitions": topics[name], "replication_factor": -1,
+                       "configs": {"cleanup.policy": "compact"} if name in compacted else {}}
+                for name in missing}
+        result = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000), raise_errors=False)
+        created = []
+        for topic in result["topics"]:
+            code = topic["error_code"]
+            if code == 0:
+                created.append(topic["name"])
+            elif code != TopicAlreadyExistsError.errno:
+                raise BrokerError(f"creating topic {topic['name']!r} at {bootstrap} failed: error {code}: "
+                                  f"{topic.get('error_message') or ''}".rstrip(": "))
+        if created:
+            admin.wait_for_topics(created, timeout_ms=int(timeout_s * 1000))
+        return created
+    except KafkaError as exc:
+        raise _broker_error("creating topics", bootstrap, exc) from None
+    finally:
+        admin.close()
+
+
+def end_offsets(bootstrap: str, topic: str, security: ClientSecurity | None = None) -> dict[int, int]:
+    """Partition -> offset of the next record to be written (the high watermark) of ``topic``.
+
+    An unknown topic gives ``{}``.
+    """
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, client_id="eddy-offsets",
+                                 enable_auto_commit=False, **(security or PLAINTEXT).kwargs())
+    except KafkaError as exc:
+        raise _broker_error("connecting a consumer", bootstrap, exc) from None
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        return {tp.partition: int(off) for tp, off in consumer.end_offsets(tps).items()} if tps else {}
+    except KafkaError as exc:
+        raise _broker_error(f"reading end offsets of {topic!r}", bootstrap, exc) from None
+    finally:
+        consumer.close()
+
+
+def committed_offsets(bootstrap: str, group_id: str, topic: str,
+                      security: ClientSecurity | None = None) -> dict[int, int]:
+    """Partition -> committed offset (next record to read) of ``group_id`` on ``topic``.
+
+    Partitions without a commit are left out; an unknown group gives ``{}``.
+    """
+    admin = _admin(bootstrap, security)
+    try:
+        groups = admin.list_group_offsets(group_id)
+    except KafkaError as exc:
+        raise _broker_error(f"reading committed offsets of group {group_id!r}", bootstrap, exc) from None
+    finally:
+        admin.close()
+    offsets = groups.get(group_id, {})
+    return {tp.partition: int(om.offset) for tp, om in offsets.items()
+            if tp.topic == topic and om.offset >= 0}
+
+
+class DeadLetterWriter:
+    """Writes events eddy could not learn from to a dead-letter topic, byte for byte.
+
+    Each dead letter's value is the original message value (``None`` stays a tombstone), its
+    headers are the original headers plus ``eddy.reason`` (a code from ``service.events.REASONS``
+    or another bounded code), ``eddy.detail`` (human-readable, at most 2000 characters),
+    ``eddy.source.topic``, ``eddy.source.partition``, ``eddy.source.offset`` (decimal ASCII) and
+    ``eddy.failed_at`` (UTC, ISO 8601 with milliseconds).
+
+    Idempotency: the key is ``"<topic>:<partition>:<offset>"`` of the source record, so when a crash
+    makes eddy re-process a record and re-send its dead letter, both copies carry the same key: a
+    reader can drop repeats by key, and on a compacted dead-letter topic Kafka keeps only the last.
+    (The idempotent producer itself only removes duplicates caused by its own retries.)
+
+    A value longer than ``max_value_bytes`` (it would exceed the broker's message size limit) is
+    cut to that length and marked with ``eddy.truncated`` = the original length, so an oversized
+    event is still recorded rather than failing the writer.
+    """
+
+    def __init__(self, producer: KafkaProducer, dlq_topic: str, *, max_value_bytes: int = 900_000) -> None:
+        self.producer = producer
+        self.topic = dlq_topic
+        self.max_value_bytes = max_value_bytes
+        self._pending: list[FutureRecordMetadata] = []
+
+    def send(self, raw: bytes | None, *, reason: str, detail: str, topic: str, partition: int, offset: int,
+             headers: Iterable[tuple[str, bytes | None]] = ()) -> FutureRecordMetadata:
+        """Queue one dead letter; return its future. ``BrokerError`` if it cannot even be queued."""
+        ours = {
+            "eddy.reason": reason.encode(),
+            "eddy.detail": detail[:MAX_DETAIL_CHARS].encode("utf-8", "replace"),
+            "eddy.source.topic": topic.encode(),
+            "eddy.source.partition": str(partition).encode(),
+            "eddy.source.offset": str(offset).encode(),
+            "eddy.failed_at": _utc_now().encode(),
+        }
+        value = raw
+        if raw is not None and len(raw) > self.max_value_bytes:
+            value = raw[: self.max_value_bytes]
+            ours["eddy.truncated"] = str(len(raw)).encode()
+        kept = [(k, v) for k, v in headers if k not in DLQ_HEADERS]
+        try:
+            future = self.producer.send(self.topic, value=value, key=f"{topic}:{partition}:{offset}".encode(),
+                                        headers=kept + list(ours.items()))
+        except KafkaError as exc:
+            raise BrokerError(f"queueing a dead letter for {topic}:{partition}:{offset} to {self.topic} "
+                              f"failed: {type(exc).__name__}: {exc}") from None
+        self._pending.append(future)
+        return future
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued dead letter is acknowledged.
+
+        Raises ``BrokerError`` naming how many failed (and the first error) when any was not
+        written; the caller must then not commit the source offsets, so that they are processed and
+        dead-lettered again after a restart. The writer stays failed: every later ``flush`` raises
+        again, so offsets can never move past a dead letter that was not written.
+        """
+        pending, self._pending = self._pending, []
+        try:
+            self.producer.flush(timeout=timeout)
+        except KafkaError as exc:
+            raise BrokerError(f"flushing dead letters to {self.topic} failed: "
+                              f"{type(exc).__name__}: {exc}") from None
+        failed = [f for f in pending if not f.is_done or f.failed()]
+        self._pending = failed + self._pending  # stays failed: those records were never re-sent
+        if failed:
+            first = failed[0].exception if failed[0].is_done else "not acknowledged before the timeout"
+            raise BrokerError(f"{len(failed)} of {len(pending)} dead letters were not written to "
+                              f"{self.topic}: {first}")
+
+    @property
+    def pending(self) -> int:
+        """Dead letters queued since the last ``flush``."""
+        return len(self._pending)
+
+
+def _utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

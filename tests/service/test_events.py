@@ -1,0 +1,85 @@
+import json
+
+import numpy as np
+import pytest
+
+from service.events import REASONS, Event, Rejection, decode, encode, json_schema
+
+DIM = 4
+GOOD_FEATURES = [0.1, -0.2, 0.3, 0.4]
+
+
+def dec(raw: bytes) -> Event | Rejection:
+    return decode(raw, dim=DIM, max_bytes=10_000)
+
+
+def test_text_event_decodes():
+    ev = dec(b'{"id": "a1", "label": "sport", "text": "goal!", "ts": 12.5, "meta": {"k": 1}}')
+    assert ev == Event("a1", "sport", text="goal!", ts=12.5)
+
+
+def test_features_event_decodes_to_float32():
+    ev = dec(encode("a2", "tech", features=GOOD_FEATURES))
+    assert isinstance(ev, Event)
+    assert ev.features is not None and ev.features.dtype == np.float32
+    np.testing.assert_allclose(ev.features, GOOD_FEATURES, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"x" * 10_001, "too_large"),
+        (b"\xff\xfe", "not_utf8"),
+        (b"{not json", "not_json"),
+        (b"[1, 2]", "not_object"),
+        (b'"a string"', "not_object"),
+        (b'{"id": "a"}', "missing_field"),
+        (b'{"id": "a", "label": "x", "text": "t", "colour": 1}', "unknown_field"),
+        (b'{"id": "", "label": "x", "text": "t"}', "bad_id"),
+        (b'{"id": 7, "label": "x", "text": "t"}', "bad_id"),
+        (b'{"id": "a", "label": "", "text": "t"}', "bad_label"),
+        (b'{"id": "a", "label": "   ", "text": "t"}', "bad_label"),
+        (json.dumps({"id": "a", "label": "x" * 257, "text": "t"}).encode(), "bad_label"),
+        (b'{"id": "a", "label": "x", "text": "t", "features": [1, 2, 3, 4]}', "text_and_features"),
+        (b'{"id": "a", "label": "x"}', "no_input"),
+        (b'{"id": "a", "label": "x", "features": [1, 2, NaN, 4]}', "non_finite"),
+        (b'{"id": "a", "label": "x", "features": [1, 2, Infinity, 4]}', "non_finite"),
+        (b'{"id": "a", "label": "x", "features": [1, 2, 1e300, 4]}', "non_finite"),
+        (b'{"id": "a", "label": "x", "features": [1, 2, 3]}', "wrong_dimension"),
+        (b'{"id": "a", "label": "x", "features": [1, 2, "3", 4]}', "bad_type"),
+        (b'{"id": "a", "label": "x", "features": [1, 2, true, 4]}', "bad_type"),
+        (b'{"id": "a", "label": "x", "features": "1,2,3,4"}', "bad_type"),
+        (b'{"id": "a", "label": "x", "text": 5}', "bad_type"),
+        (b'{"id": "a", "label": "x", "text": "t", "ts": "yesterday"}', "bad_type"),
+        (b'{"id": "a", "label": "x", "text": "t", "meta": [1]}', "bad_type"),
+        (b"[" * 100_000, "not_json"),
+    ],
+)
+def test_bad_events_are_rejections_with_a_reason(raw, reason):
+    got = decode(raw, dim=DIM, max_bytes=10_000 if reason == "too_large" else 1_000_000)
+    assert isinstance(got, Rejection)
+    assert got.reason == reason
+    assert got.reason in REASONS
+    assert got.detail
+
+
+def test_wrong_dimension_names_both_numbers():
+    got = dec(b'{"id": "a", "label": "x", "features": [1, 2, 3]}')
+    assert isinstance(got, Rejection) and "got 3 features, expected 4" in got.detail
+
+
+def test_tombstone_is_rejected():
+    assert isinstance(decode(None, dim=DIM, max_bytes=100), Rejection)
+
+
+def test_random_bytes_never_raise():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        raw = rng.integers(0, 256, size=int(rng.integers(0, 64)), dtype=np.uint8).tobytes()
+        assert isinstance(decode(raw, dim=DIM, max_bytes=1000), Event | Rejection)
+
+
+def test_schema_mentions_dimension():
+    schema = json_schema(384)
+    assert schema["properties"]["features"]["minItems"] == 384
+    assert schema["additionalProperties"] is False
