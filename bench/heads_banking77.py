@@ -18,7 +18,7 @@ import numpy as np
 
 from learner.backbone import load_backbone
 from learner.datasets import read_labeled
-from learner.evaluate import embed_cached, evaluate_stream, joint_reference
+from learner.evaluate import embed_cached, evaluate_stream, joint_reference_cached
 from learner.heads import make_head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def main() -> None:
     n = len(train)
     Xtr, Xte = X[:n], X[n:]
     t0 = time.perf_counter()
-    ref = joint_reference(Xtr, train.labels, Xte, test.labels, args.seed)
+    ref = joint_reference_cached(Xtr, train.labels, Xte, test.labels, args.seed, cache)
     ref["seconds"] = time.perf_counter() - t0
     runs = []
     print(f"{'head':<18}{'final':>8}{'gap':>8}{'preq':>8}{'preq_seen':>10}{'forget':>8}{'min_old':>8}"

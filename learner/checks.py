@@ -100,8 +100,8 @@ def check_state_round_trip(make: MakeHead, dim: int) -> None:
     """A state saved (arrays copied, the rest through JSON) and loaded predicts identically."""
     head = make()
     X, y = sample(dim)
-    for prefix in (0, 30, 60):  # empty, part-learned, fully learned
-        head.learn_many(X[prefix - 30 : prefix] if prefix else X[:0], y[prefix - 30 : prefix] if prefix else [])
+    for start, stop in ((0, 0), (0, 30), (30, 60)):  # empty, part-learned, fully learned
+        head.learn_many(X[start:stop], y[start:stop])
         P, classes = head.predict_proba_many(X)
         clone = make()
         clone.load_state_dict(_snapshot_copy(head.state_dict()))

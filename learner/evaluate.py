@@ -282,7 +282,8 @@ def run_eval(train: Path, test: Path | None = None, *, text_col: str = "text", l
     result.update(head=head_kind, head_params=params, backbone_identity=identity, train=str(train),
                   test=str(test) if test is not None else None)
     if joint:
-        ref = _joint_cached(X_all[tr], y_all[tr].tolist(), X_all[te], y_all[te].tolist(), seed, cache_dir)
+        ref = joint_reference_cached(X_all[tr], y_all[tr].tolist(), X_all[te], y_all[te].tolist(), seed,
+                                     cache_dir)
         result.update(joint_reference_accuracy=ref["accuracy"], joint_reference_C=ref["C"])
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
@@ -290,8 +291,8 @@ def run_eval(train: Path, test: Path | None = None, *, text_col: str = "text", l
     return result
 
 
-def _joint_cached(X_train: np.ndarray, y_train: list[str], X_test: np.ndarray, y_test: list[str], seed: int,
-                  cache_dir: Path) -> dict[str, Any]:
+def joint_reference_cached(X_train: np.ndarray, y_train: list[str], X_test: np.ndarray, y_test: list[str],
+                           seed: int, cache_dir: Path) -> dict[str, Any]:
     """``joint_reference``, cached as JSON keyed by sha256 of the exact inputs (a fit takes ~1 min)."""
     digest = hashlib.sha256(f"joint-v1\0{seed}\0".encode())
     for part in (X_train, X_test):

@@ -1,0 +1,18 @@
+"""eddy's replay memory: a FAISS store of embeddings, its sampling policy, and error compensation."""
+
+from memory.compensation import ErrorMemory
+from memory.index import IndexKind, Metric, VectorIndex, gpu_count
+from memory.policy import class_targets, reservoir_decision
+from memory.replay import AddResult, ReplayMemory
+
+__all__ = [
+    "AddResult",
+    "ErrorMemory",
+    "IndexKind",
+    "Metric",
+    "ReplayMemory",
+    "VectorIndex",
+    "class_targets",
+    "gpu_count",
+    "reservoir_decision",
+]

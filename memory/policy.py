@@ -15,8 +15,10 @@ evicts uniformly at random inside that class, which keeps the sample uniform.
 
 Optional recency weighting (``recency_weight`` = w in [0, 1]): an event that Algorithm R would
 reject still replaces a random stored item of its class with probability w. w = 0 is the plain
-uniform reservoir; w = 1 keeps only the newest ``target`` events of each class (a FIFO in
-expectation); values in between bias the sample towards recent events, which helps under drift.
+uniform reservoir. With w > 0 a stored item survives each later event of its class with
+probability about ``1 - w / target``, so old items fade out geometrically: w = 1 stores every event
+and keeps an exponentially-weighted window whose mean age is ~``target`` events of the class;
+values in between mix the uniform sample with that window, which helps under drift.
 
 Everything here is a pure function of its arguments and the ``numpy.random.Generator`` passed in.
 """

@@ -255,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``eddy`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kafka-python narrates every connection at INFO; its warnings and errors still show.
+    for noisy in ("kafka", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return int(args.fn(args))
     except ConfigError as exc:

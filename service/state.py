@@ -11,13 +11,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from learner.heads import make_head
 from learner.heads.base import Head
-from memory import ReplayMemory
+
+if TYPE_CHECKING:
+    from memory import ReplayMemory
 
 _PARTITION_SHIFT = 40  # offsets below 2**40 (1e12 messages per partition) fit beside the partition
 

@@ -56,6 +56,9 @@ def merge_states(states: list[StateDict]) -> StateDict:
     if not isinstance(merged, TableHead):
         raise ValueError(f"head kind {kind!r} does not support merging")
     for state in states:
+        if state.get("kind") != kind or dict(state.get("hyperparameters", {})) != hyper:
+            raise ValueError(f"cannot merge {state.get('kind')!r} {state.get('hyperparameters')} with "
+                             f"{kind!r} {hyper}: kind and hyperparameters must match")
         part = make_head(kind, **hyper)
         part.load_state_dict(state)
         assert isinstance(part, TableHead)
