@@ -1,7 +1,7 @@
 """Head throughput and solve time on synthetic features.
 
-``python bench/heads.py [--quick]``: learn events/s for ncm, slda, ridge M=0 and ridge M=2048
-on precomputed random unit-norm 384-d float32 features in batches of 256; solve time of ridge
+``python bench/heads.py [--quick] [--blas-threads N]``: learn events/s for ncm, slda, ridge M=0
+and ridge M=2048 on precomputed random unit-norm 384-d float32 features in batches of 256; solve time of ridge
 M=2048 with 150 classes (fixed lambda, GCV choice + solve, readout with a cached GCV lambda).
 Prints a table and writes bench/results/heads.json with numpy/BLAS and CPU info.
 """
@@ -77,8 +77,8 @@ def machine() -> dict[str, Any]:
     try:
         from threadpoolctl import threadpool_info
 
-        info["blas"] = [{k: d.get(k) for k in ("internal_api", "version", "num_threads", "architecture", "prefix")}
-                        for d in threadpool_info()]
+        keys = ("internal_api", "version", "num_threads", "architecture", "prefix")
+        info["blas"] = [{k: d.get(k) for k in keys} for d in threadpool_info()]
     except ImportError:
         info["blas"] = "threadpoolctl not installed"
     return info
@@ -87,7 +87,12 @@ def machine() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer events (for a smoke run)")
+    parser.add_argument("--blas-threads", type=int, default=0, help="limit BLAS threads (0: library default)")
     args = parser.parse_args()
+    if args.blas_threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(args.blas_threads)
     n_fast, n_wide = (20_480, 2_560) if args.quick else (204_800, 20_480)
     X, labels = features(n_fast)
     configs = [("ncm", "ncm", {}, n_fast, None), ("slda", "slda", {}, n_fast, None),
@@ -105,10 +110,12 @@ def main() -> None:
           f"(target < 0.5), GCV choose {solve['gcv_choose_seconds']:.3f} s + solve "
           f"{solve['gcv_choose_and_solve_seconds']:.3f} s total (target < 2.5), cached-lambda readout "
           f"{solve['cached_gcv_readout_seconds']:.3f} s; lambda = {solve['gcv_lambda']:.4g}")
-    result = {"quick": args.quick, "dim": DIM, "batch": BATCH, "learn": rows,
+    result = {"quick": args.quick, "blas_threads": args.blas_threads or "default", "dim": DIM,
+              "batch": BATCH, "learn": rows,
               "solve_M2048_150_classes": solve, "machine": machine(),
               "note": "shared machine (2 cores, other jobs running): numbers are lower bounds"}
     RESULTS.mkdir(parents=True, exist_ok=True)
+    result["load_average"] = os.getloadavg()
     (RESULTS / "heads.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {RESULTS / 'heads.json'}")
 

@@ -3,7 +3,7 @@
 Guo et al., "On Calibration of Modern Neural Networks" (ICML 2017). Every head serves
 ``softmax(scores / T)`` where ``scores = readout.scores(X)`` are its raw linear scores. Scaling by
 ``T`` never changes the argmax, only how confident the probabilities are. Heads start with a
-documented default ``T`` (ncm 0.05, slda 1.0, ridge 0.1); the service may fit ``T`` on held-out
+documented default ``T`` (ncm 0.05, slda 8.0, ridge 0.05); the service may fit ``T`` on held-out
 labelled events and install it with ``head.set_temperature(T)``::
 
     readout = head.readout()

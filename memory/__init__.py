@@ -3,11 +3,12 @@
 from memory.compensation import ErrorMemory
 from memory.index import IndexKind, Metric, VectorIndex, gpu_count
 from memory.policy import class_targets, reservoir_decision
-from memory.replay import AddResult, ReplayMemory
+from memory.replay import AddResult, IndexBuild, ReplayMemory
 
 __all__ = [
     "AddResult",
     "ErrorMemory",
+    "IndexBuild",
     "IndexKind",
     "Metric",
     "ReplayMemory",

@@ -33,8 +33,13 @@ import logging
 import math
 from typing import Any, Literal
 
-import faiss
+import faiss as _faiss
 import numpy as np
+
+# faiss's SWIG stubs miss its Python wrappers (ndarray arguments, SearchParameters keywords, downcasts),
+# so the module is typed as Any here rather than sprinkling ignores.
+faiss: Any = _faiss
+FaissIndex = Any
 
 log = logging.getLogger("eddy.memory")
 
@@ -76,12 +81,12 @@ def ivf_nlist(n: int, nlist: int | None) -> int:
     return nlist if nlist is not None else max(1, round(math.sqrt(n)))
 
 
-def serialize(index: faiss.Index) -> np.ndarray:
+def serialize(index: FaissIndex) -> np.ndarray:
     """A CPU index as a uint8 array (``faiss.serialize_index``)."""
     return np.asarray(faiss.serialize_index(index), dtype=np.uint8)
 
 
-def deserialize(blob: np.ndarray) -> faiss.Index:
+def deserialize(blob: np.ndarray) -> FaissIndex:
     """Inverse of ``serialize``."""
     return faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
 
@@ -90,7 +95,7 @@ class VectorIndex:
     """One FAISS index of a fixed kind, dimension and metric over caller-assigned int64 ids."""
 
     def __init__(self, dim: int, kind: IndexKind = "flat", metric: Metric = "ip", *, nlist: int | None = None,
-                 nprobe: int = 16, hnsw_m: int = 32, ef_construction: int = 64, ef_search: int = 64,
+                 nprobe: int = 32, hnsw_m: int = 16, ef_construction: int = 40, ef_search: int = 64,
                  use_gpu: UseGpu = "auto", rebuild_fraction: float = 0.2) -> None:
         if kind not in KINDS:
             raise ValueError(f"index must be one of {KINDS}, got {kind!r}")
@@ -108,25 +113,25 @@ class VectorIndex:
         self.rebuild_fraction = rebuild_fraction
         self.on_gpu = wants_gpu(use_gpu, kind)
         self._gpu_res: Any = None
-        self._gpu: faiss.Index | None = None
-        self._cpu: faiss.Index = self._fresh()
+        self._gpu: FaissIndex | None = None
+        self._cpu: FaissIndex = self._fresh()
         self._dead: set[int] = set()  # HNSW tombstones
         self._dead_sel: Any = None
         self.trained_at = 0  # IVF: how many vectors the quantizer was trained on (0: untrained)
 
     # -- construction -------------------------------------------------------------------------------
-    def _flat(self) -> faiss.Index:
+    def _flat(self) -> FaissIndex:
         inner = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
         return faiss.IndexIDMap2(inner)
 
-    def _fresh(self) -> faiss.Index:
+    def _fresh(self) -> FaissIndex:
         if self.kind == "hnsw":
             h = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, self._fmetric)
             h.hnsw.efConstruction, h.hnsw.efSearch = self.ef_construction, self.ef_search
             return faiss.IndexIDMap(h)
         return self._flat()  # flat, and IVF until trained
 
-    def _trained_ivf(self, X: np.ndarray) -> faiss.Index:
+    def _trained_ivf(self, X: np.ndarray) -> FaissIndex:
         nlist = ivf_nlist(len(X), self.nlist)
         quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
         ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, self._fmetric)
@@ -172,20 +177,49 @@ class VectorIndex:
 
         IVF is (re)trained when there are enough rows for ``nlist`` lists, else stays flat.
         """
+        self.install(self.build(X, ids))
+
+    def build(self, X: np.ndarray, ids: np.ndarray) -> tuple[FaissIndex, int]:
+        """A new CPU index over ``X`` / ``ids`` and its IVF training size; reads only settings.
+
+        Touches no state of this object, so it may run on another thread while this index keeps
+        serving (faiss releases the GIL while it builds).
+        """
         X = np.ascontiguousarray(X, dtype=np.float32)
+        trained_at = 0
         if self.kind == "ivf" and len(X) >= IVF_MIN_POINTS_PER_LIST * ivf_nlist(len(X), self.nlist):
-            index, self.trained_at = self._trained_ivf(X), len(X)
+            index, trained_at = self._trained_ivf(X), len(X)
         else:
             index = self._fresh()
-            if self.kind == "ivf":
-                self.trained_at = 0
         if len(ids):
             index.add_with_ids(X, np.ascontiguousarray(ids, dtype=np.int64))
-        self._cpu, self._gpu = index, None
-        self._dead, self._dead_sel = set(), None
+        return index, trained_at
+
+    def install(self, built: tuple[FaissIndex, int]) -> None:
+        """Make an index from ``build`` the current one (tombstones are dropped with the old one)."""
+        self._cpu, self.trained_at = built
+        self._gpu, self._dead, self._dead_sel = None, set(), None
+
+    def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change the speed/recall trade-off of later searches (IVF ``nprobe``, HNSW ``efSearch``)."""
+        if nprobe is not None:
+            if nprobe < 1:
+                raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+            self.nprobe = nprobe
+            if self.kind == "ivf" and self.trained_at:
+                ivf = faiss.extract_index_ivf(self._cpu)
+                ivf.nprobe = min(nprobe, ivf.nlist)
+                self._gpu = None
+        if ef_search is not None:
+            if ef_search < 1:
+                raise ValueError(f"ef_search must be >= 1, got {ef_search}")
+            self.ef_search = ef_search
+            if self.kind == "hnsw":
+                faiss.downcast_index(faiss.downcast_index(self._cpu).index).hnsw.efSearch = ef_search
 
     # -- search -------------------------------------------------------------------------------------
-    def search(self, Q: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, Q: np.ndarray, k: int, exclude: np.ndarray | None = None,
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores float32 (m, k), ids int64 (m, k)) for float32 queries ``Q`` (m, dim).
 
         ``exclude``: ids never to return (besides tombstones). Fewer than ``k`` hits pad with -1/-inf.
@@ -234,7 +268,7 @@ class VectorIndex:
             return faiss.SearchParametersHNSW(sel=sel, efSearch=self.ef_search)
         return faiss.SearchParameters(sel=sel)
 
-    def _gpu_index(self) -> faiss.Index:
+    def _gpu_index(self) -> FaissIndex:
         if self._gpu is None:
             try:
                 if self._gpu_res is None:
@@ -272,7 +306,7 @@ class VectorIndex:
 
     def bytes_per_item(self) -> float:
         """Upper estimate of ``nbytes()`` per live item, used to turn a byte budget into items."""
-        per = 4 * self.dim + 8 + 32
+        per = 4.0 * self.dim + 8 + 32
         if self.kind == "ivf":
             per += 4 * self.dim / IVF_MIN_POINTS_PER_LIST  # centroids: <= 1 per 39 items at training
         if self.kind == "hnsw":  # links, and up to rebuild_fraction of the graph as tombstones
@@ -297,8 +331,4 @@ class VectorIndex:
         self._cpu, self._gpu = deserialize(state["index"]), None
         self._dead, self._dead_sel = {int(i) for i in state["dead"]}, None
         self.trained_at = int(state["trained_at"])
-        if self.kind == "hnsw":  # the current setting wins over the saved one
-            faiss.downcast_index(faiss.downcast_index(self._cpu).index).hnsw.efSearch = self.ef_search
-        elif self.kind == "ivf" and self.trained_at:
-            ivf = faiss.extract_index_ivf(self._cpu)
-            ivf.nprobe = min(self.nprobe, ivf.nlist)
+        self.set_search_params(nprobe=self.nprobe, ef_search=self.ef_search)  # current settings win

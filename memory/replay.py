@@ -39,6 +39,21 @@ ASSUMED_EVENT_ID_CHARS = 64  # used only to turn max_bytes into items
 STATE_FORMAT = 1
 
 
+class IndexBuild:
+    """A rebuild in progress: a snapshot of live vectors and, once ``run``, the new FAISS index."""
+
+    def __init__(self, index: VectorIndex, X: np.ndarray, ids: np.ndarray, generation: int) -> None:
+        self.X, self.ids, self.generation = X, ids, generation
+        self._index = index
+        self.result: tuple[Any, int] | None = None
+
+    def run(self) -> tuple[Any, int]:
+        """Build the index (expensive; safe on another thread: reads only the snapshot and settings)."""
+        if self.result is None:
+            self.result = self._index.build(self.X, self.ids)
+        return self.result
+
+
 @dataclass(frozen=True)
 class AddResult:
     """What one ``add`` call did.
@@ -65,15 +80,17 @@ class ReplayMemory:
 
     ``auto_rebuild``: rebuild the FAISS index inside the mutating call when it asks for it (HNSW
     with more than 20% tombstones; IVF ready to be trained or retrained). With ``False`` the owner
-    must call ``rebuild()`` itself (e.g. off the hot path, under the lock that guards this object);
-    until then HNSW searches stay correct (tombstones are skipped) but slower and larger, and IVF
-    keeps searching its flat stand-in exactly.
+    watches ``index_needs_rebuild`` and either calls ``rebuild()`` or, to keep the learn loop
+    responsive, ``job = start_rebuild()`` (a copy), ``job.run()`` on a worker thread, then
+    ``finish_rebuild(job)`` back on its own thread (reconciles adds/removals made meanwhile). Until
+    then HNSW searches stay correct (tombstones are skipped) but slower and larger, and IVF keeps
+    searching its exact flat stand-in (or its older, coarser training).
     """
 
     def __init__(self, dim: int, *, index: IndexKind = "flat", metric: Metric = "ip",
                  max_items: int | None = 20_000, max_bytes: int | None = None, recency_weight: float = 0.0,
-                 seed: int = 0, use_gpu: UseGpu = "auto", nlist: int | None = None, nprobe: int = 16,
-                 hnsw_m: int = 32, ef_construction: int = 64, ef_search: int = 64,
+                 seed: int = 0, use_gpu: UseGpu = "auto", nlist: int | None = None, nprobe: int = 32,
+                 hnsw_m: int = 16, ef_construction: int = 40, ef_search: int = 64,
                  auto_rebuild: bool = True) -> None:
         if not 0.0 <= recency_weight <= 1.0:
             raise ValueError(f"recency_weight must be in [0, 1], got {recency_weight}")
@@ -95,7 +112,8 @@ class ReplayMemory:
         if self.max_items is not None and (self.max_items > 0 or self.max_bytes is None):
             limits.append(self.max_items)
         if self.max_bytes is not None:
-            per = 4 * self.dim + 32 + PY_BYTES_PER_ITEM + ASSUMED_EVENT_ID_CHARS + self._index.bytes_per_item()
+            per = (4 * self.dim + 32 + PY_BYTES_PER_ITEM + ASSUMED_EVENT_ID_CHARS
+                   + self._index.bytes_per_item())
             limits.append(items_for_bytes(self.max_bytes, per))
         return min(limits) if limits else 0
 
@@ -117,10 +135,12 @@ class ReplayMemory:
         self._targets: dict[str, int] = {}
         self._next_id = 0
         self._eid_chars = 0
+        self._generation = getattr(self, "_generation", 0) + 1  # invalidates rebuilds started before
 
     # -- adding -------------------------------------------------------------------------------------
-    def add(self, X: np.ndarray, labels: Sequence[str], event_ids: Sequence[str], ts: np.ndarray | None = None,
-            partitions: np.ndarray | None = None, offsets: np.ndarray | None = None) -> AddResult:
+    def add(self, X: np.ndarray, labels: Sequence[str], event_ids: Sequence[str],
+            ts: np.ndarray | None = None, partitions: np.ndarray | None = None,
+            offsets: np.ndarray | None = None) -> AddResult:
         """Offer ``n`` events to the memory; the policy decides which are kept and which make room.
 
         ``X``: (n, dim) finite floats (stored as float32). ``labels`` and ``event_ids``: n strings.
@@ -251,8 +271,8 @@ class ReplayMemory:
                     partitions: np.ndarray | None, offsets: np.ndarray | None) -> tuple[Any, ...]:
         labels, event_ids = [str(v) for v in labels], [str(v) for v in event_ids]
         ts_ = np.full(n, np.nan) if ts is None else np.asarray(ts, dtype=np.float64).reshape(-1)
-        parts = np.full(n, -1, np.int32) if partitions is None else np.asarray(partitions, np.int32).reshape(-1)
-        offs = np.full(n, -1, np.int64) if offsets is None else np.asarray(offsets, np.int64).reshape(-1)
+        parts = np.full(n, -1, np.int32) if partitions is None else np.asarray(partitions, np.int32).ravel()
+        offs = np.full(n, -1, np.int64) if offsets is None else np.asarray(offsets, np.int64).ravel()
         for name, v in (("labels", labels), ("event_ids", event_ids), ("ts", ts_), ("partitions", parts),
                         ("offsets", offs)):
             if len(v) != n:
@@ -291,10 +311,46 @@ class ReplayMemory:
         """Rebuild the FAISS index from the live vectors (drops HNSW tombstones, (re)trains IVF).
 
         Synchronous; costs one index build over ``len(self)`` vectors. Search results afterwards are
-        those of a fresh index over the same items.
+        those of a fresh index over the same items. To build off the owner's thread instead, use
+        ``start_rebuild`` / ``IndexBuild.run`` / ``finish_rebuild``.
+        """
+        self.finish_rebuild(self.start_rebuild())
+
+    def start_rebuild(self) -> IndexBuild:
+        """Snapshot the live vectors for a rebuild (a copy: O(len) memory, no FAISS work).
+
+        ``job.run()`` then does the expensive build and may run on any thread while this memory
+        keeps being used; ``finish_rebuild(job)`` installs it from the owner's thread.
         """
         order = np.argsort(self._ids[: self._n], kind="stable")
-        self._index.rebuild(self._X[: self._n][order], self._ids[: self._n][order])
+        X, ids = self._X[: self._n][order], self._ids[: self._n][order]
+        return IndexBuild(self._index, X, ids, self._generation)
+
+    def finish_rebuild(self, job: IndexBuild) -> bool:
+        """Install a rebuilt index, reconciled with what changed since ``start_rebuild``.
+
+        Items added since are added to it and items removed since are removed (or tombstoned), so
+        the result is exactly the memory's current contents. Runs ``job.run()`` first if it has not
+        run. Returns False (and changes nothing) if ``load_state_dict`` or another rebuild replaced
+        the index in between.
+        """
+        if job.generation != self._generation:
+            return False
+        built = job.result if job.result is not None else job.run()
+        live = self._ids[: self._n]
+        new_ids = np.setdiff1d(live, job.ids, assume_unique=True)
+        gone = np.setdiff1d(job.ids, live, assume_unique=True)
+        self._index.install(built)
+        self._generation += 1
+        if len(new_ids):
+            self._index.add(self._X[[self._slot_of[int(j)] for j in new_ids]], new_ids)
+        self._index.remove(gone)
+        return True
+
+    @property
+    def index(self) -> VectorIndex:
+        """The FAISS wrapper (for ``set_search_params`` and facts such as ``ntotal``); do not mutate."""
+        return self._index
 
     @property
     def index_needs_rebuild(self) -> bool:
@@ -418,7 +474,8 @@ class ReplayMemory:
         labels = [str(v) for v in state["labels"]]
         eids = [str(v) for v in state["event_ids"]]
         n = len(eids)
-        meta = (labels, eids, np.asarray(state["ts"]), np.asarray(state["partitions"]), np.asarray(state["offsets"]))
+        meta = (labels, eids, np.asarray(state["ts"]), np.asarray(state["partitions"]),
+                np.asarray(state["offsets"]))
         ids, X = np.asarray(state["ids"], dtype=np.int64), np.asarray(state["vectors"], dtype=np.float32)
         for i in range(n):
             self._next_id = int(ids[i])

@@ -1,4 +1,4 @@
-"""Snapshots: the whole learner state and the offsets it covers, written atomically.
+r"""Snapshots: the whole learner state and the offsets it covers, written atomically.
 
 A snapshot is one file ``snap-<seq>.eddy``::
 

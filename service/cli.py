@@ -18,7 +18,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from service.errors import ConfigError, EddyError  # noqa: E402
+from service.errors import ConfigError, EddyError
 
 
 def _settings(args: argparse.Namespace) -> Any:

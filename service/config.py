@@ -36,6 +36,10 @@ class KafkaSettings(_Section):
     group_id: str = "eddy"
     control_topic: str = "eddy.control"
     deltas_topic: str = "eddy.deltas"
+    # Scale-out learning (``--role learn``): keep one state per source partition and publish it,
+    # cumulatively, to ``deltas_topic`` (compacted) for ``--role merge``. See docs/scaling.md.
+    scale_out: bool = False
+    deltas_max_bytes: int = Field(64 * 1_048_576, ge=1_048_576, le=1024 * 1_048_576)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     max_event_bytes: int = Field(1_048_576, gt=0, le=64 * 1_048_576)
     batch_max_events: int = Field(512, gt=0, le=100_000)
@@ -75,6 +79,7 @@ class HeadSettings(_Section):
     gcv_every_seconds: float = Field(30.0, ge=0)
     slda_shrinkage: float = Field(1e-4, ge=0, le=1)
     temperature: Literal["auto"] | float = "auto"
+    blas_threads: int = Field(1, ge=0, le=256)
 
     @field_validator("ridge_lambda", "temperature")
     @classmethod
@@ -170,6 +175,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Precedence: explicit arguments, then environment, then the TOML file, then defaults."""
         toml = TomlConfigSettingsSource(settings_cls, toml_file=_toml_path())
         return (init_settings, env_settings, toml)
 

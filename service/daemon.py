@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -45,6 +44,12 @@ def run_daemon(settings: Settings, *, role: str = "all") -> int:
     """Run until SIGTERM/SIGINT; return the process exit code."""
     stop = threading.Event()
     _install_signals(stop)
+    if settings.head.blas_threads:
+        # The learner shares two or so cores with the backbone and the gRPC server: BLAS threads
+        # fighting over them ran the ridge update ~6x slower than one thread (bench/heads.py).
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(settings.head.blas_threads, user_api="blas")
     daemon = Daemon(settings, role=role)
     try:
         asyncio.run(daemon.run(stop))
@@ -87,7 +92,8 @@ class Daemon:
         """Start every part of this role, wait for ``stop``, shut down in order."""
         from service.http import start_http_server
 
-        self.backbone.warm_in_background()
+        if self.role != "merge":  # the merger never embeds
+            self.backbone.warm_in_background()
         self._load_current_model()
         http, port = start_http_server(self.s.metrics.host, self.s.metrics.port, health=self.health)
         self._closers.append(http)
@@ -96,7 +102,7 @@ class Daemon:
         if self.role in ("all", "serve"):
             server = await self._start_grpc()
         threads = []
-        if self.role in ("all", "learn"):
+        if self.role in ("all", "learn", "merge"):
             threads.append(self._start_learner(stop))
         if self.role == "serve":
             threads.append(self._start_follower(stop))
@@ -159,6 +165,14 @@ class Daemon:
 
     def build_learner(self) -> Any:
         """The learn loop with its consumer, dead-letter writer, state and exporter."""
+        if self.role == "merge":  # docs/scaling.md
+            from service.merger import build_merger
+
+            return build_merger(self)
+        if self.role == "learn" and self.s.kafka.scale_out:
+            from service.scaleout import build_scale_out_learner
+
+            return build_scale_out_learner(self)
         from service.checkpoint import SnapshotStore
         from service.exporter import Exporter
         from service.kafka import DeadLetterWriter, ensure_topics, make_consumer, make_producer
@@ -218,7 +232,7 @@ class Daemon:
         learner_alive = self.loop is None or self._learner_thread_alive()
         return assess(
             loop_alive=learner_alive, model_served=model is not None,
-            broker_up=metrics.BROKER_UP._value.get() == 1,  # noqa: SLF001
+            broker_up=metrics.BROKER_UP._value.get() == 1,
             serves=self.role in ("all", "serve"), learns=self.role in ("all", "learn"),
             details={"role": self.role, "model_version": model.version if model else None},
         )

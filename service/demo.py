@@ -20,7 +20,6 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 DEMO_DIR = Path(".eddy/demo")
 HELD_BACK = "tech"
@@ -45,7 +44,7 @@ def run_demo(*, limit: int = 1500, rate: float = 300.0) -> int:
         daemon = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log_file,
                                   stderr=subprocess.STDOUT)
         try:
-            return _scenario(bootstrap, topic, env, first, later, daemon)
+            return _scenario(bootstrap, topic, env, first, later, daemon, rate)
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(60)
@@ -53,7 +52,7 @@ def run_demo(*, limit: int = 1500, rate: float = 300.0) -> int:
 
 
 def _scenario(bootstrap: str, topic: str, env: dict[str, str], first: Path, later: Path,
-              daemon: subprocess.Popen[bytes]) -> int:
+              daemon: subprocess.Popen[bytes], rate: float) -> int:
     from kafka import KafkaProducer
 
     from service.predict_client import predict

@@ -25,7 +25,7 @@ from learner.export import check_parity, load_session, readout_to_onnx
 from learner.heads.base import Head, Readout
 from service import metrics
 from service.registry import ModelRegistry
-from service.served_model import ModelSlot, ServedModel
+from service.served_model import Backbone, ModelSlot, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ExportResult:
 class Exporter:
     """Turns a head into a gated, published, swapped-in model."""
 
-    def __init__(self, *, registry: ModelRegistry, slot: ModelSlot, backbone: object | None,
+    def __init__(self, *, registry: ModelRegistry, slot: ModelSlot, backbone: Backbone | None,
                  backbone_identity: str, head_kind: str, parity_tolerance: float,
                  max_accuracy_drop: float) -> None:
         self.registry = registry

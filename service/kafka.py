@@ -8,10 +8,11 @@ futures and are reported by ``DeadLetterWriter.flush``.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection, Iterable, Mapping
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -24,6 +25,7 @@ DLQ_SUFFIX = ".dlq"
 DLQ_HEADERS = ("eddy.reason", "eddy.detail", "eddy.source.topic", "eddy.source.partition",
                "eddy.source.offset", "eddy.failed_at", "eddy.truncated")
 MAX_DETAIL_CHARS = 2000
+T = TypeVar("T")
 
 
 def dlq_topic(topic: str) -> str:
@@ -85,8 +87,27 @@ def make_consumer(bootstrap: str, *, group_id: str | None, topics: list[str] | N
     except KafkaError as exc:
         raise _broker_error("connecting a consumer", bootstrap, exc) from None
     if topics:
-        consumer.subscribe(topics)
+        subscribe(consumer, topics)
     return consumer
+
+
+def subscribe(consumer: KafkaConsumer, topics: list[str], listener: Any = None) -> None:
+    """Subscribe ``consumer`` to ``topics`` once their partitions are in its metadata.
+
+    Works around a race in kafka-python 3.0.12: when a consumer joins its group before it knows a
+    subscribed topic's partitions, it is assigned nothing, rejoins when the metadata arrives, and
+    a ``poll`` whose timeout expires while that second join completes can drop the new
+    assignment for good (the member stays in the group with no partitions and reads nothing).
+    Loading the metadata first makes the first join assign every partition. Use this instead of
+    ``consumer.subscribe``.
+    """
+    for topic in topics:
+        try:
+            consumer.partitions_for_topic(topic)
+        except KafkaError as exc:
+            raise BrokerError(f"reading the partitions of {topic!r} failed: {type(exc).__name__}: {exc}") \
+                from None
+    consumer.subscribe(topics, listener=listener)
 
 
 def make_producer(bootstrap: str, *, security: ClientSecurity | None = None, acks: str | int = "all",
@@ -173,15 +194,16 @@ def end_offsets(bootstrap: str, topic: str, security: ClientSecurity | None = No
         consumer.close()
 
 
-def committed_offsets(bootstrap: str, group_id: str, topic: str,
-                      security: ClientSecurity | None = None) -> dict[int, int]:
+def committed_offsets(bootstrap: str, group_id: str, topic: str, security: ClientSecurity | None = None,
+                      *, timeout_s: float = 30.0) -> dict[int, int]:
     """Partition -> committed offset (next record to read) of ``group_id`` on ``topic``.
 
-    Partitions without a commit are left out; an unknown group gives ``{}``.
+    Partitions without a commit are left out; an unknown group gives ``{}``. Retriable errors
+    (the group coordinator still loading, as on a fresh broker) are retried for ``timeout_s``.
     """
     admin = _admin(bootstrap, security)
     try:
-        groups = admin.list_group_offsets(group_id)
+        groups = _retrying(lambda: admin.list_group_offsets(group_id), timeout_s)
     except KafkaError as exc:
         raise _broker_error(f"reading committed offsets of group {group_id!r}", bootstrap, exc) from None
     finally:
@@ -189,6 +211,18 @@ def committed_offsets(bootstrap: str, group_id: str, topic: str,
     offsets = groups.get(group_id, {})
     return {tp.partition: int(om.offset) for tp, om in offsets.items()
             if tp.topic == topic and om.offset >= 0}
+
+
+def _retrying(call: Callable[[], T], timeout_s: float) -> T:
+    """``call()``, repeated while it raises a retriable kafka-python error and time is left."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except KafkaError as exc:
+            if not exc.retriable or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)  # backoff between attempts
 
 
 class DeadLetterWriter:

@@ -15,22 +15,25 @@ Dead letters written after the last snapshot are written again on replay with th
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from learner.heads.base import Head
 from service import metrics
 from service.batch import Embed, Predict, Record, learn_batch, tp_key
 from service.checkpoint import SnapshotStore
-from service.exporter import Exporter
+from service.exporter import Exporter, ExportResult
 from service.forget import Refetch, apply_forget, parse_control
 from service.kafka import DeadLetterWriter
 from service.state import LearnerState
@@ -82,7 +85,8 @@ class LearnLoop:
         self._changed = False
         self._pending_since: float | None = None
         self._last_export = self._last_snapshot = self._last_log = self._last_gcv = time.monotonic()
-        self._export_cost = 0.0
+        self._exporting: Future[tuple[_ExportJob, ExportResult]] | None = None
+        self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
         self._log_counts = {"learned": 0, "dead_letter": 0, "duplicate": 0}
         self.correct = self.predicted = 0
         self.alive = threading.Event()
@@ -110,6 +114,8 @@ class LearnLoop:
             while not stop.is_set():
                 self.step()
         finally:
+            self._collect_export(wait=True)
+            self._export_pool.shutdown()
             self.snapshot("shutdown")
 
     def step(self) -> None:
@@ -190,41 +196,69 @@ class LearnLoop:
 
     # -- export ------------------------------------------------------------------------------
     def _maybe_export(self) -> None:
-        if self.exporter is None or not self._changed:
+        self._collect_export()
+        if self.exporter is None or not self._changed or self._exporting is not None:
             return
-        now = time.monotonic()
-        # Never spend more than about half the loop's time exporting.
-        interval = max(self.opt.export_every_seconds, 2 * self._export_cost)
-        if self._since_export < self.opt.export_every_events and now - self._last_export < interval:
+        quiet = time.monotonic() - self._last_export < self.opt.export_every_seconds
+        if self._since_export < self.opt.export_every_events and quiet:
             return
-        self.export_now()
+        self._start_export()
+
+    def _start_export(self) -> None:
+        """Hand a frozen copy of the head to the export thread; learning goes on meanwhile.
+
+        Solving (and re-choosing ridge's lambda by GCV, seconds at M = 2048) happens on the copy, so
+        the learner never stalls on it; the copy costs one memcpy of the statistics.
+        """
+        refit = time.monotonic() - self._last_gcv > self.opt.gcv_every_seconds
+        if refit:
+            self._last_gcv = time.monotonic()
+        X, labels = self.recent.rows()
+        job = _ExportJob(copy.deepcopy(self.state.head), X, labels, dict(self.state.offsets),
+                         self._pending_since, refit)
+        self._pending_since = None
+        self._changed = False
+        self._since_export = 0
+        self._last_export = time.monotonic()
+        self._exporting = self._export_pool.submit(self._export, job)
+
+    def _export(self, job: _ExportJob) -> tuple[_ExportJob, ExportResult]:
+        assert self.exporter is not None
+        if job.refit:
+            choose = getattr(job.head, "choose_lambda", None)
+            if callable(choose):
+                choose()
+        result = self.exporter.export(job.head, probe=job.X[-64:], window=(job.X, job.labels),
+                                      offsets=job.offsets)
+        return job, result
+
+    def _collect_export(self, wait: bool = False) -> int | None:
+        """Apply a finished export's outcome on the learner thread; return its version if applied."""
+        future = self._exporting
+        if future is None or not (wait or future.done()):
+            return None
+        self._exporting = None
+        try:
+            job, result = future.result()
+        except Exception:
+            log.exception("export failed; the served model is unchanged")
+            self._changed = True
+            return None
+        _adopt_solver_choices(self.state.head, job.head)
+        if not result.applied or result.version is None:
+            return None
+        self.state.model_version = result.version
+        if job.pending_since is not None:
+            metrics.LABEL_TO_SERVABLE_SECONDS.observe(max(time.time() - job.pending_since, 0.0))
+        return int(result.version)
 
     def export_now(self) -> int | None:
-        """Export the current head through the gates; return the new version, if one was applied."""
+        """Export the current head through the gates now and wait; return the applied version, if any."""
         if self.exporter is None:
             return None
-        if time.monotonic() - self._last_gcv > self.opt.gcv_every_seconds:
-            self._refit()
-        pending = self._pending_since
-        X, labels = self.recent.rows()
-        result = self.exporter.export(self.state.head, probe=X[-64:], window=(X, labels),
-                                      offsets=dict(self.state.offsets))
-        self._last_export, self._since_export = time.monotonic(), 0
-        self._export_cost = result.seconds
-        self._changed = False
-        if result.applied and result.version is not None:
-            self.state.model_version = result.version
-            if pending is not None:
-                metrics.LABEL_TO_SERVABLE_SECONDS.observe(max(time.time() - pending, 0.0))
-            self._pending_since = None
-        return result.version
-
-    def _refit(self) -> None:
-        """Re-choose hyperparameters that depend on all data (ridge's lambda), off the hot path."""
-        self._last_gcv = time.monotonic()
-        choose = getattr(self.state.head, "choose_lambda", None)
-        if callable(choose):
-            choose()
+        self._collect_export(wait=True)
+        self._start_export()
+        return self._collect_export(wait=True)
 
     # -- snapshots ---------------------------------------------------------------------------
     def _maybe_snapshot(self) -> None:
@@ -308,6 +342,25 @@ class LearnLoop:
         return total
 
 
+@dataclass(frozen=True)
+class _ExportJob:
+    """A frozen copy of the head and what the gates need, handed to the export thread."""
+
+    head: Head
+    X: np.ndarray
+    labels: list[str]
+    offsets: dict[str, int]
+    pending_since: float | None
+    refit: bool
+
+
+def _adopt_solver_choices(head: Head, solved: Head) -> None:
+    """Keep choices made while solving the copy (ridge's GCV lambda) so the next solve reuses them."""
+    chosen = getattr(solved, "lam_", None)
+    if chosen is not None and hasattr(head, "lam_"):
+        head.lam_ = chosen
+
+
 class _Rebalance(ConsumerRebalanceListener):
     """Snapshot before partitions leave; seek to the snapshot's offsets when they arrive."""
 
@@ -325,7 +378,7 @@ class _Rebalance(ConsumerRebalanceListener):
 def _broker_up(consumer: KafkaConsumer) -> bool:
     """Whether the consumer holds a live connection to any broker (kafka-python keeps them private)."""
     try:
-        conns = consumer._client._conns  # noqa: SLF001
+        conns = consumer._client._conns
         return any(conn.connected() for conn in list(conns.values()))
     except Exception:
         return False

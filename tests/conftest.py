@@ -27,7 +27,8 @@ KAFKA_LIB = REPO_ROOT / ".eddy" / "kafka" / "lib"
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "kafka_bootstrap" in getattr(item, "fixturenames", ()) and item.get_closest_marker("kafka") is None:
+        uses_broker = "kafka_bootstrap" in getattr(item, "fixturenames", ())
+        if uses_broker and item.get_closest_marker("kafka") is None:
             item.add_marker(pytest.mark.kafka)
 
 

@@ -22,7 +22,8 @@ def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.05,
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {message} (last value: {value!r})")
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {message} "
+                                 f"(last value: {value!r})")
         time.sleep(interval)
 
 

@@ -6,7 +6,8 @@ uses ``normalize=True`` and ``weight = [mu_c / |mu_c|]^T`` (d, k) with zero bias
 
 Probabilities: ``softmax(cos / T)``. Cosines lie in [-1, 1] and the gap between the nearest
 and second-nearest mean of sentence embeddings is typically 0.05-0.3, so the default
-temperature is ``T = 0.05`` (a 0.1 cosine gap gives odds of e^2 ~ 7:1). ``temperature="auto"``
+temperature is ``T = 0.05`` (a 0.1 cosine gap gives odds of e^2 ~ 7:1; NLL-optimal on
+banking77/MiniLM: 0.037). ``temperature="auto"``
 uses that default until ``set_temperature`` installs a fitted one (``learner.calibration``).
 
 Forgetting subtracts the events' sums and counts exactly.
@@ -19,10 +20,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from learner.heads.base import Readout
-from learner.heads.stats import TableHead
+from learner.heads.stats import ExactHead
 
 
-class NearestClassMeanHead(TableHead):
+class NearestClassMeanHead(ExactHead):
     """Cosine nearest-class-mean head. ``temperature``: ``"auto"`` (0.05 until fitted) or a float."""
 
     kind: ClassVar[str] = "ncm"

@@ -29,8 +29,9 @@ first readout and again only when ``choose_lambda()`` is called (the service doe
 periodically, off the hot path). The weights always come from the Cholesky solve.
 
 Probabilities: ``softmax((phi(x) W) / T)``. The scores regress one-hot targets, so the true
-class scores near 1 and the rest near 0; the default ``T = 0.1`` turns a 0.5 margin into odds of
-e^5. ``temperature="auto"`` uses it until ``set_temperature`` installs a fitted one.
+class scores near 1 and the rest near 0; the default ``T = 0.05`` turns a 0.25 margin into odds
+of e^5 (NLL-optimal on banking77/MiniLM: 0.046 at M = 0, 0.063 at M = 2048).
+``temperature="auto"`` uses it until ``set_temperature`` installs a fitted one.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import scipy.linalg
 import scipy.optimize
 
 from learner.heads.base import Readout, StateDict
-from learner.heads.stats import SecondMoment, TableHead
+from learner.heads.stats import ExactHead, SecondMoment
 
 GCV_GRID = np.logspace(-4, 4, 50)  # relative to the mean eigenvalue of G
 
@@ -72,12 +73,13 @@ def gcv_scores(s: np.ndarray, qt2: np.ndarray, n: float, y2: float, lams: np.nda
 def choose_gcv_lambda(G: np.ndarray, Q: np.ndarray, n: float, y2: float | None = None) -> float:
     """The ``lam`` minimising GCV for ridge on statistics ``G`` (p, p), ``Q`` (p, k), ``n`` events.
 
-    One eigendecomposition, then a 50-point log grid over ``1e-4..1e4 x mean eigenvalue`` and a
-    bounded refinement on ``log lam``. ``ValueError`` if ``n <= 0``.
+    Only the upper triangle of ``G`` is read. One eigendecomposition, then a 50-point log grid
+    over ``1e-4..1e4 x mean eigenvalue`` and a bounded refinement on ``log lam``. ``ValueError``
+    if ``n <= 0``.
     """
     if n <= 0:
         raise ValueError(f"GCV needs at least one event, got n={n}")
-    s, V = scipy.linalg.eigh(G, driver="evd")
+    s, V = scipy.linalg.eigh(G, lower=False, driver="evd", check_finite=False)
     qt2 = ((V.T @ Q) ** 2).sum(axis=1)
     y2 = float(n) if y2 is None else y2
     scale = max(float(np.maximum(s, 0).mean()), 1e-12)
@@ -93,21 +95,22 @@ def choose_gcv_lambda(G: np.ndarray, Q: np.ndarray, n: float, y2: float | None =
     return refined if res.fun <= scores[best] else float(grid[best])
 
 
-class RidgeHead(TableHead):
+class RidgeHead(ExactHead):
     """Analytic ridge head.
 
     ``lam``: ``"gcv"`` (default) or a positive float. ``expansion_width``: ``M >= 0`` random ReLU
     features (default 2048; 0 = ridge on the raw features). ``seed``: seeds ``R``.
-    ``temperature``: ``"auto"`` (0.1 until fitted) or a float. ``ValueError`` for bad values.
+    ``temperature``: ``"auto"`` (0.05 until fitted) or a float. ``ValueError`` for bad values.
     """
 
     kind: ClassVar[str] = "ridge"
-    default_temperature: ClassVar[float] = 0.1
+    default_temperature: ClassVar[float] = 0.05
     _stat_params: ClassVar[tuple[str, ...]] = ("expansion_width", "seed")
 
     def __init__(self, lam: float | str = "gcv", expansion_width: int = 2048, seed: int = 0,
                  temperature: float | str = "auto") -> None:
-        if lam != "gcv" and (isinstance(lam, bool) or not isinstance(lam, int | float) or not 0 < lam < np.inf):
+        fixed = isinstance(lam, int | float) and not isinstance(lam, bool)
+        if lam != "gcv" and not (fixed and 0 < float(lam) < np.inf):
             raise ValueError(f"lam must be 'gcv' or a positive finite number, got {lam!r}")
         if isinstance(expansion_width, bool) or not isinstance(expansion_width, int) or expansion_width < 0:
             raise ValueError(f"expansion_width must be an int >= 0, got {expansion_width!r}")
@@ -123,7 +126,7 @@ class RidgeHead(TableHead):
         self.projection_: np.ndarray | None = None  # float32 (M, d), or None when M == 0
         self._projection64: np.ndarray | None = None
         self._gram = SecondMoment(0)
-        self.lam_: float | None = None  # lambda in use: fixed, or the cached GCV choice
+        self.lam_: float | None = None  # the cached GCV choice (None until chosen, or lam fixed)
         self._weights: np.ndarray | None = None
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -191,7 +194,7 @@ class RidgeHead(TableHead):
         return {"gram": self._gram.full(), "Q": self._table.sums[order].T.copy(),
                 "n": np.array(int(self._table.counts.sum()))}
 
-    def _absorb_extra(self, other: TableHead) -> None:
+    def _absorb_extra(self, other: ExactHead) -> None:
         assert isinstance(other, RidgeHead)
         self._gram.load(self._gram.full() + other._gram.full())
         self.lam_ = None
@@ -207,7 +210,7 @@ class RidgeHead(TableHead):
         n = int(self._table.counts.sum())
         if n == 0:
             return None
-        self.lam_ = choose_gcv_lambda(self._gram.full(), self._table.sums.T, n)
+        self.lam_ = choose_gcv_lambda(self._gram.upper(), self._table.sums.T, n)
         self._weights, self._readout = None, None
         return self.lam_
 
@@ -222,12 +225,15 @@ class RidgeHead(TableHead):
     def weights(self) -> np.ndarray:
         """``W = (G + lam I)^-1 Q`` (float64, (p, k), columns in ``classes_`` order, bias row last)."""
         if self._weights is None:
-            A = self._gram.full()
+            A = self._gram.upper()  # LAPACK reads only the upper triangle: no need to symmetrise
             A[np.diag_indices_from(A)] += self.lambda_()
             Q = self._table.sums.T
             try:
-                self._weights = scipy.linalg.cho_solve(scipy.linalg.cho_factor(A), Q)
+                factor = scipy.linalg.cho_factor(A, lower=False, overwrite_a=True, check_finite=False)
+                self._weights = scipy.linalg.cho_solve(factor, Q, check_finite=False)
             except np.linalg.LinAlgError:  # lam tiny relative to rounding in G: symmetric solve
+                A = self._gram.full()
+                A[np.diag_indices_from(A)] += self.lambda_()
                 self._weights = scipy.linalg.solve(A, Q, assume_a="sym")
         return self._weights
 

@@ -2,7 +2,7 @@
 
 ``ClassTable`` keeps classes in first-seen order with per-class event counts and per-class sums
 of a feature map (float64). ``SecondMoment`` keeps ``sum z z^T`` (float64) with a BLAS rank-k
-update. ``TableHead`` is the common skeleton: input checks, learn/forget bookkeeping, the cached
+update. ``ExactHead`` is the common skeleton: input checks, learn/forget bookkeeping, the cached
 readout, temperature handling and the common part of ``state_dict``. A concrete head supplies
 its feature map, its extra statistics and its solve.
 
@@ -19,22 +19,21 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+import scipy.sparse
 from scipy.linalg.blas import dsyrk
 
 from learner.heads.base import Head, Readout, StateDict, check_features
 
 
-def group_sums(codes: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sum ``rows`` (n, p) by integer ``codes`` (n,).
+def group_matrix(codes: np.ndarray, k: int) -> scipy.sparse.csc_array:
+    """Sparse one-hot ``(k, n)`` matrix ``M[codes[i], i] = 1``: ``M @ rows`` sums rows per class.
 
-    Returns ``(unique_codes, sums (u, p) float64, counts (u,) int64)``; no Python loop per row.
+    Built as the transpose of a CSR matrix with one entry per row, so construction needs no sort;
+    the product costs O(n p) in one pass, with no per-row Python loop.
     """
-    order = np.argsort(codes, kind="stable")
-    sorted_codes = codes[order]
-    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
-    sums = np.add.reduceat(rows[order], starts, axis=0) if len(rows) else np.zeros((0, rows.shape[1]))
-    counts = np.diff(np.r_[starts, len(codes)]).astype(np.int64)
-    return sorted_codes[starts], sums, counts
+    n = len(codes)
+    onehot = scipy.sparse.csr_array((np.ones(n), codes, np.arange(n + 1)), shape=(n, k))
+    return onehot.T
 
 
 def check_labels(labels: Sequence[str], n: int) -> list[str]:
@@ -84,13 +83,14 @@ class ClassTable:
 
     def add(self, codes: np.ndarray, rows: np.ndarray, sign: float) -> None:
         """Add (``sign=1``) or subtract (``sign=-1``) the rows' sums and counts per class."""
-        uniq, sums, counts = group_sums(codes, rows)
+        grouped = group_matrix(codes, len(self.classes)) @ rows
+        counts = np.bincount(codes, minlength=len(self.classes))
         if sign > 0:
-            self.sums[uniq] += sums
-            self.counts[uniq] += counts
+            self.sums += grouped
+            self.counts += counts
         else:
-            self.sums[uniq] -= sums
-            self.counts[uniq] -= counts
+            self.sums -= grouped
+            self.counts -= counts
 
     def check_removable(self, codes: np.ndarray) -> None:
         """``ValueError`` if forgetting events with these codes would make any count negative."""
@@ -145,6 +145,14 @@ class SecondMoment:
         Zt = np.ascontiguousarray(Z).T  # F-ordered (p, n) view: dsyrk reads it without a copy
         self._upper = dsyrk(float(sign), Zt, 1.0, self._upper, trans=0, lower=0, overwrite_c=1)
 
+    def upper(self) -> np.ndarray:
+        """A new Fortran-ordered (p, p) copy whose upper triangle holds the matrix (lower: zeros).
+
+        Enough for LAPACK routines told to read the upper triangle (``cho_factor(lower=False)``,
+        ``eigh(lower=False)``), and saves building the symmetric matrix.
+        """
+        return self._upper.copy(order="F")
+
     def full(self) -> np.ndarray:
         """The symmetric (p, p) matrix as a new C-ordered array."""
         upper = np.triu(self._upper)
@@ -162,7 +170,7 @@ class SecondMoment:
         self._upper = np.zeros((self.width, self.width), dtype=np.float64, order="F")
 
 
-class TableHead(Head):
+class ExactHead(Head):
     """Skeleton of an exact head: per-class sums of ``phi(x)`` plus head-specific statistics.
 
     Subclasses set ``kind`` and ``default_temperature`` and implement ``_width``, ``_start``,
@@ -220,7 +228,7 @@ class TableHead(Head):
     def _extra_statistics(self) -> dict[str, np.ndarray]:
         return {}
 
-    def _absorb_extra(self, other: TableHead) -> None:
+    def _absorb_extra(self, other: ExactHead) -> None:
         """Add another same-kind head's head-specific statistics (for ``merge_states``)."""
 
     @abstractmethod
@@ -236,7 +244,11 @@ class TableHead(Head):
         return self.fitted_temperature_ if self.fitted_temperature_ is not None else self.default_temperature
 
     def set_temperature(self, temperature: float) -> None:
-        """Use a fitted temperature (see ``learner.calibration``); ignored if one was fixed in ``__init__``."""
+        """Install a fitted temperature (see ``learner.calibration``).
+
+        It takes effect only while the ``temperature`` hyperparameter is ``"auto"``: a configured
+        number always wins. ``ValueError`` unless ``temperature`` is a positive finite number.
+        """
         value = check_temperature(temperature)
         if not isinstance(value, float):
             raise ValueError(f"set_temperature needs a number, got {temperature!r}")
@@ -306,8 +318,12 @@ class TableHead(Head):
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> StateDict:
-        """Copies of the statistics plus ``kind``, ``hyperparameters`` (a dict of constructor args),
-        ``n_features`` (-1 before any data) and ``fitted_temperature`` (0.0 when none)."""
+        """Copies of the statistics, plus the head's identity and settings.
+
+        Keys: ``kind``, ``hyperparameters`` (dict of constructor arguments), ``n_features`` (-1
+        before any data), ``classes``, ``counts``, ``sums``, ``fitted_temperature`` (0.0 when
+        none) and the head's own statistics.
+        """
         state: StateDict = {
             "kind": self.kind,
             "hyperparameters": self.hyperparameters(),
@@ -357,7 +373,7 @@ class TableHead(Head):
         stats.update(self._extra_statistics())
         return stats
 
-    def absorb(self, other: TableHead) -> None:
+    def absorb(self, other: ExactHead) -> None:
         """Add ``other``'s statistics (same kind and hyperparameters) to this head's, by class name.
 
         New classes are appended in ``other``'s order. Chosen/fitted values (ridge's lambda, the

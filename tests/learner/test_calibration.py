@@ -9,7 +9,8 @@ from learner.calibration import class_indices, fit_temperature, nll
 from learner.heads import make_head
 
 
-def sampled_from_tempered_softmax(T: float, n: int = 4000, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def sampled_from_tempered_softmax(T: float, n: int = 4000, k: int = 5,
+                                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Scores and labels drawn from softmax(scores / T): the true temperature is T."""
     rng = np.random.default_rng(seed)
     S = rng.normal(size=(n, k))
@@ -42,7 +43,7 @@ def test_fitted_temperature_improves_a_heads_held_out_nll() -> None:
     T = fit_temperature(readout.scores(X[400:600]), idx)
     test_idx, _ = class_indices(labels[600:], readout.classes)
     before = nll(readout.scores(X[600:]), test_idx, readout.temperature)
-    head.set_temperature(T)  # type: ignore[attr-defined]
+    head.set_temperature(T)
     assert head.readout().temperature == T
     assert nll(readout.scores(X[600:]), test_idx, T) < before
 

@@ -77,7 +77,7 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
     assert load_session(path)[1] == {"model_version": "2"}
 
 
-def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
+def test_bad_model_argument_leaves_old_file_untouched(tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
     write_model(readout_to_onnx(make_readout("plain", 2), metadata={"model_version": "1"}), path)
     with pytest.raises(AttributeError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,11 @@ from service.checkpoint import pack, unpack
 
 KINDS = ["flat", "ivf", "hnsw"]
 DIM = 32
+FAST_HNSW = {"hnsw_m": 8, "ef_construction": 32}  # a smaller graph keeps the tests quick; same code paths
+
+
+def memory(kind: str = "flat", **kw: object) -> ReplayMemory:
+    return ReplayMemory(DIM, index=kind, use_gpu="never", **{**FAST_HNSW, **kw})  # type: ignore[arg-type]
 
 
 def unit(rng: np.random.Generator, n: int, d: int = DIM) -> np.ndarray:
@@ -17,7 +24,8 @@ def unit(rng: np.random.Generator, n: int, d: int = DIM) -> np.ndarray:
     return X / np.linalg.norm(X, axis=1, keepdims=True)
 
 
-def fill(m: ReplayMemory, X: np.ndarray, labels: list[str], prefix: str = "e", batch: int = 2000) -> list[str]:
+def fill(m: ReplayMemory, X: np.ndarray, labels: list[str], prefix: str = "e",
+         batch: int = 2000) -> list[str]:
     eids = [f"{prefix}{i}" for i in range(len(X))]
     for s in range(0, len(X), batch):
         m.add(X[s : s + batch], labels[s : s + batch], eids[s : s + batch],
@@ -34,7 +42,7 @@ def data() -> tuple[np.ndarray, list[str]]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_deleted_events_are_never_returned(kind: str, data: tuple[np.ndarray, list[str]]) -> None:
     X, labels = data
-    m = ReplayMemory(DIM, index=kind, max_items=len(X), use_gpu="never")
+    m = memory(kind, max_items=len(X))
     eids = fill(m, X, labels)
     assert len(m) == len(X)
     rng = np.random.default_rng(1)
@@ -62,7 +70,7 @@ def test_deleted_events_are_never_returned(kind: str, data: tuple[np.ndarray, li
 
 def test_hnsw_tombstones_trigger_a_rebuild_past_20_percent(data: tuple[np.ndarray, list[str]]) -> None:
     X, labels = data
-    m = ReplayMemory(DIM, index="hnsw", max_items=4000, use_gpu="never", auto_rebuild=False)
+    m = memory("hnsw", max_items=4000, auto_rebuild=False)
     eids = fill(m, X[:4000], labels[:4000])
     m.remove_event_ids(eids[:700])
     assert not m.index_needs_rebuild  # 700 / 4000 = 17.5%
@@ -116,10 +124,10 @@ def test_a_new_class_trims_the_full_ones() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_state_round_trip_gives_identical_results(kind: str, data: tuple[np.ndarray, list[str]]) -> None:
     X, labels = data
-    m = ReplayMemory(DIM, index=kind, max_items=3000, seed=5, recency_weight=0.1, use_gpu="never")
+    m = memory(kind, max_items=3000, seed=5, recency_weight=0.1)
     eids = fill(m, X[:6000], labels[:6000], batch=500)
     m.remove_event_ids(eids[::7])
-    restored = ReplayMemory(DIM, index=kind, max_items=3000, seed=99, recency_weight=0.1, use_gpu="never")
+    restored = memory(kind, max_items=3000, seed=99, recency_weight=0.1)
     restored.load_state_dict(unpack(pack({"memory": m.state_dict()}))["memory"])
     Q = unit(np.random.default_rng(6), 200)
     a, b = m.search(Q, 10), restored.search(Q, 10)
@@ -137,10 +145,10 @@ def test_state_round_trip_gives_identical_results(kind: str, data: tuple[np.ndar
 def test_capacity_in_bytes_is_respected(kind: str, data: tuple[np.ndarray, list[str]]) -> None:
     X, labels = data
     budget = 2_000_000
-    m = ReplayMemory(DIM, index=kind, max_items=None, max_bytes=budget, use_gpu="never")
+    m = memory(kind, max_items=None, max_bytes=budget)
     assert 0 < m.capacity < 20_000
-    for s in range(0, 12_000, 1000):
-        m.add(X[s : s + 1000], labels[s : s + 1000], [f"{i:036d}" for i in range(s, s + 1000)])
+    for s in range(0, 3 * m.capacity, 500):
+        m.add(X[s : s + 500], labels[s : s + 500], [f"{i:036d}" for i in range(s, s + 500)])
         assert m.nbytes <= budget
     assert len(m) == m.capacity
     assert m.nbytes > 0.5 * budget  # the estimate is not absurdly loose either
@@ -155,7 +163,7 @@ def test_max_items_and_max_bytes_take_the_smaller() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_remove_label_removes_everything_of_that_label(kind: str, data: tuple[np.ndarray, list[str]]) -> None:
     X, labels = data
-    m = ReplayMemory(DIM, index=kind, max_items=3500, use_gpu="never")
+    m = memory(kind, max_items=3500)
     fill(m, X[:7000], labels[:7000])
     assert m.counts()["c3"] == 500
     assert m.remove_label("c3") == 500
@@ -214,10 +222,11 @@ def test_get_all_metadata_sample_and_duplicates() -> None:
     assert found == ["e5", "e250"] and g_labels == ["a", "b"] and np.array_equal(G, X[[5, 250]])
     found, ts, parts, offs = m.metadata(["e7"])
     assert found == ["e7"] and ts[0] == 7.0 and parts[0] == 2 and offs[0] == 1007
-    A, a_labels, a_ids = m.all()
+    A, _, a_ids = m.all()
     assert a_ids[:3] == ["e0", "e1", "e2"] and a_ids[-1] == "new" and np.array_equal(A[:300], X)
     S, s_labels, s_ids = m.sample(90, np.random.default_rng(0))
-    assert len(set(s_ids)) == 90 and {lab: s_labels.count(lab) for lab in "abc"} == {"a": 35, "b": 35, "c": 20}
+    assert len(set(s_ids)) == 90
+    assert {lab: s_labels.count(lab) for lab in "abc"} == {"a": 35, "b": 35, "c": 20}
     assert np.array_equal(S, m.get(s_ids)[0])
     assert m.counts() == {"a": 201, "b": 80, "c": 20} and "e1" in m and "zz" not in m
 
@@ -226,8 +235,8 @@ def test_get_all_metadata_sample_and_duplicates() -> None:
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_gpu_search_matches_cpu(kind: str, data: tuple[np.ndarray, list[str]]) -> None:
     X, labels = data
-    cpu = ReplayMemory(DIM, index=kind, max_items=5000, use_gpu="never")
-    gpu = ReplayMemory(DIM, index=kind, max_items=5000, use_gpu="auto")
+    cpu = memory(kind, max_items=5000)
+    gpu = ReplayMemory(DIM, index=kind, max_items=5000, use_gpu="auto")  # type: ignore[arg-type]
     fill(cpu, X[:5000], labels[:5000])
     eids = fill(gpu, X[:5000], labels[:5000])
     gpu.remove_event_ids(eids[:100])
@@ -235,3 +244,28 @@ def test_gpu_search_matches_cpu(kind: str, data: tuple[np.ndarray, list[str]]) -
     a, b = cpu.search(X[:200], 5), gpu.search(X[:200], 5)
     assert np.mean([x[0] == y[0] for x, y in zip(a[2], b[2], strict=True)]) > 0.99
     assert not {e for row in b[2] for e in row} & set(eids[:100])
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_a_rebuild_built_on_another_thread_sees_changes_made_meanwhile(
+        kind: str, data: tuple[np.ndarray, list[str]]) -> None:
+    X, labels = data
+    m = memory(kind, max_items=10_000, auto_rebuild=False)
+    eids = fill(m, X[:2000], labels[:2000])
+    assert m.index_needs_rebuild or kind == "hnsw"  # IVF: enough vectors to train
+    job = m.start_rebuild()
+    worker = threading.Thread(target=job.run)
+    worker.start()
+    m.add(X[2000:2500], labels[2000:2500], [f"late{i}" for i in range(500)])  # while it builds
+    m.remove_event_ids(eids[:300])
+    worker.join()
+    assert m.finish_rebuild(job)
+    assert not m.finish_rebuild(job)  # a job is installed at most once
+    assert m.index.ntotal - m.index.n_dead == len(m) == 2200
+    _, _, found = m.search(X[:300], 10)
+    assert not {e for row in found for e in row} & set(eids[:300])
+    _, _, found = m.search(X[2000:2100], 1)
+    assert np.mean([row[0] == f"late{i}" for i, row in enumerate(found)]) > 0.9
+    stale = m.start_rebuild()
+    m.load_state_dict(m.state_dict())
+    assert not m.finish_rebuild(stale)  # the index it was built from is gone

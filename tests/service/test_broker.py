@@ -30,7 +30,8 @@ def test_started_broker_answers_an_admin_client(kafka_bootstrap: str, topic_name
 
 
 @pytest.mark.kafka
-def test_stop_start_keeps_data_and_leaves_no_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_stop_start_keeps_data_and_leaves_no_process(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     port, data = free_port(), tmp_path / "kafka"
     assert broker.cli_start(port, data) == 0
     assert "started at 127.0.0.1:" in capsys.readouterr().out

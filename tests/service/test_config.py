@@ -36,7 +36,7 @@ def test_invalid_values_name_key_value_and_expectation(tmp_path, monkeypatch):
 def test_unknown_key_is_an_error(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[kafka]\ntopik = 'x'\n")
-    with pytest.raises(ConfigError, match="kafka.topik"):
+    with pytest.raises(ConfigError, match=r"kafka\.topik"):
         load_settings(cfg)
 
 
