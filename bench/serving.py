@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import multiprocessing as mp
@@ -288,14 +289,23 @@ def run_swap(plan: Plan, seed: int, tmp: Path) -> dict[str, Any]:
             ready.get(timeout=180)
         go.set()
         time.sleep(0.5)  # pacing settles; requests before the first block are not counted
+        length = plan.block_seconds
         for b in range(plan.swap_blocks):
-            kind = "swaps" if b % 2 == 0 else "no_swaps"
             start = time.monotonic()
-            if kind == "swaps":
+            if b % 2 == 0:
+                # A swap block lasts until its share of the swaps is done (longer if the CPU is
+                # starved); the no-swap block after it lasts as long.
+                quota = plan.swaps * (b // 2 + 1) // n_swap_blocks
                 swapper.active.set()
-            time.sleep(plan.block_seconds)
-            swapper.active.clear()
-            blocks.append((kind, start, time.monotonic()))
+                time.sleep(plan.block_seconds)
+                while swapper.applied + swapper.refused < quota and time.monotonic() - start < 10 * length:
+                    time.sleep(0.01)
+                swapper.active.clear()
+                blocks.append(("swaps", start, time.monotonic()))
+                length = time.monotonic() - start
+            else:
+                time.sleep(length)
+                blocks.append(("no_swaps", start, time.monotonic()))
         stop.set()
         for p in procs:
             p.join(60)
@@ -967,6 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--swaps", type=int, help="override the number of swaps")
     parser.add_argument("--block-seconds", type=float, help="override the length of a swap-part block")
+    parser.add_argument("--keep-work", action="store_true", help="keep the work dir (broker data, daemon logs)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("swaps", args.swaps), ("block_seconds", args.block_seconds))
@@ -981,8 +992,13 @@ def main(argv: list[str] | None = None) -> int:
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info()}
     parts: dict[str, Any] = dict(previous.get("parts", {}))
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="eddy-bench-serving-") as tmp_name:
+    prefix = "eddy-bench-serving-"
+    work: Any = (contextlib.nullcontext(tempfile.mkdtemp(prefix=prefix)) if args.keep_work
+                 else tempfile.TemporaryDirectory(prefix=prefix))
+    with work as tmp_name:
         tmp = Path(tmp_name)
+        if args.keep_work:
+            print(f"work dir (kept): {tmp}", flush=True)
         cluster = Cluster(tmp)
         try:
             for part in parts_to_run:

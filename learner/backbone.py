@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import tempfile
 import threading
@@ -97,15 +98,16 @@ def load_backbone(name: str = "all-MiniLM-L6-v2", *, runtime: Literal["onnx", "t
         raise ValueError(f"threads must be >= 0, got {threads}")
     directory = model_dir(name)
     identity = model_identity(name, directory)
+    dim = int(json.loads((directory / "config.json").read_text())["hidden_size"])
     tokenizer = _load_tokenizer(directory, max_tokens)
     if runtime == "onnx":
         path = Path(cache_dir) / f"backbone-{identity}.onnx"
         with _EXPORT_LOCK:
             if not path.exists():
                 _export_onnx(directory, path, tokenizer)
-        return OnnxBackbone(identity, tokenizer, path, batch_size=batch_size, threads=threads)
+        return OnnxBackbone(identity, dim, tokenizer, path, batch_size=batch_size, threads=threads)
     if runtime == "torch":
-        return TorchBackbone(identity, tokenizer, directory, batch_size=batch_size, threads=threads)
+        return TorchBackbone(identity, dim, tokenizer, directory, batch_size=batch_size, threads=threads)
     raise ValueError(f"runtime must be 'onnx' or 'torch', got {runtime!r}")
 
 
@@ -113,10 +115,11 @@ class _TokenBatches:
     """Shared embed loop: tokenise, sort by length, pad each batch to its longest, restore order."""
 
     identity: str
-    dim: int = 384
+    dim: int
 
-    def __init__(self, identity: str, tokenizer: Any, *, batch_size: int) -> None:
+    def __init__(self, identity: str, dim: int, tokenizer: Any, *, batch_size: int) -> None:
         self.identity = identity
+        self.dim = dim
         self._tokenizer = tokenizer
         self._batch_size = batch_size
 
@@ -142,10 +145,11 @@ class _TokenBatches:
 class OnnxBackbone(_TokenBatches):
     """The pooled encoder as a cached ONNX graph run by onnxruntime."""
 
-    def __init__(self, identity: str, tokenizer: Any, path: Path, *, batch_size: int, threads: int) -> None:
+    def __init__(self, identity: str, dim: int, tokenizer: Any, path: Path, *, batch_size: int,
+                 threads: int) -> None:
         import onnxruntime as ort
 
-        super().__init__(identity, tokenizer, batch_size=batch_size)
+        super().__init__(identity, dim, tokenizer, batch_size=batch_size)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads > 0:
@@ -161,11 +165,11 @@ class OnnxBackbone(_TokenBatches):
 class TorchBackbone(_TokenBatches):
     """The pooled encoder run by transformers in torch (no grad)."""
 
-    def __init__(self, identity: str, tokenizer: Any, directory: Path, *, batch_size: int,
+    def __init__(self, identity: str, dim: int, tokenizer: Any, directory: Path, *, batch_size: int,
                  threads: int) -> None:
         import torch
 
-        super().__init__(identity, tokenizer, batch_size=batch_size)
+        super().__init__(identity, dim, tokenizer, batch_size=batch_size)
         if threads > 0:
             torch.set_num_threads(threads)  # process-wide; torch has no per-model setting
         self._module = _pooled_encoder(directory)

@@ -50,6 +50,10 @@ def run_daemon(settings: Settings, *, role: str = "all") -> int:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(settings.head.blas_threads, user_api="blas")
+        # Same for FAISS's OpenMP: one-query searches ran ~20x faster with one thread under load.
+        import faiss
+
+        faiss.omp_set_num_threads(settings.head.blas_threads)
     daemon = Daemon(settings, role=role)
     try:
         asyncio.run(daemon.run(stop))

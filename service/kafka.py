@@ -71,9 +71,10 @@ def make_consumer(bootstrap: str, *, group_id: str | None, topics: list[str] | N
                   reconnect_backoff_max_ms: int = 5_000, **extra: Any) -> KafkaConsumer:
     """A consumer that never commits on its own, yields raw ``bytes`` values, reads committed data.
 
-    ``topics=None`` subscribes to nothing (the caller subscribes with its own rebalance
-    listener or assigns partitions). ``extra`` goes to ``KafkaConsumer`` unchanged. Raises
-    ``BrokerError`` when no broker answers within kafka-python's bootstrap timeout (30 s).
+    ``topics`` are subscribed through ``subscribe`` (below); ``topics=None`` subscribes to nothing
+    (the caller then calls ``subscribe`` with its own rebalance listener, or assigns partitions).
+    ``extra`` goes to ``KafkaConsumer`` unchanged. Raises ``BrokerError`` when no broker answers
+    within kafka-python's bootstrap timeout (``bootstrap_timeout_ms``, 30 s by default).
     """
     sec = security or PLAINTEXT
     try:

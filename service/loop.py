@@ -35,7 +35,7 @@ from service.batch import Embed, Predict, Record, learn_batch, tp_key
 from service.checkpoint import SnapshotStore
 from service.exporter import Exporter, ExportResult
 from service.forget import Refetch, apply_forget, parse_control
-from service.kafka import DeadLetterWriter
+from service.kafka import DeadLetterWriter, subscribe
 from service.state import LearnerState
 from service.window import RecentRows
 
@@ -109,7 +109,7 @@ class LearnLoop:
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, then snapshot and return."""
-        self.consumer.subscribe([self.opt.topic, self.opt.control_topic], listener=_Rebalance(self))
+        subscribe(self.consumer, [self.opt.topic, self.opt.control_topic], listener=_Rebalance(self))
         try:
             while not stop.is_set():
                 self.step()

@@ -229,7 +229,7 @@ def build_merger(daemon: Any) -> Merger:
     ensure_deltas_topic(k.bootstrap_servers, k.deltas_topic, max_bytes=k.deltas_max_bytes, security=security)
     consumer = deltas_consumer(k.bootstrap_servers, max_bytes=k.deltas_max_bytes, security=security,
                                client_id="eddy-merger")
-    daemon._closers.append(consumer)  # noqa: SLF001
+    daemon._closers.append(consumer)
     exporter = Exporter(registry=daemon.registry, slot=daemon.slot, backbone=daemon.backbone,
                         backbone_identity=daemon.backbone.identity, head_kind=s.head.kind,
                         parity_tolerance=s.export.parity_tolerance, max_accuracy_drop=s.export.max_accuracy_drop)
@@ -240,5 +240,5 @@ def build_merger(daemon: Any) -> Merger:
         snapshot_every_seconds=s.checkpoint.every_seconds, holdout_size=s.export.holdout_size,
         poll_timeout_ms=k.poll_timeout_ms, log_every_seconds=s.metrics.log_every_seconds,
     )
-    return Merger(consumer=consumer, exporter=exporter, store=SnapshotStore(Path(s.checkpoint.dir), keep=s.checkpoint.keep),
-                  options=options)
+    store = SnapshotStore(Path(s.checkpoint.dir), keep=s.checkpoint.keep)
+    return Merger(consumer=consumer, exporter=exporter, store=store, options=options)

@@ -296,7 +296,7 @@ class _Rebalance(ConsumerRebalanceListener):
 def _broker_up(consumer: KafkaConsumer) -> bool:
     """Whether the consumer holds a live connection to any broker (kafka-python keeps them private)."""
     try:
-        conns = consumer._client._conns  # noqa: SLF001
+        conns = consumer._client._conns
         return any(conn.connected() for conn in list(conns.values()))
     except Exception:
         return False
@@ -326,7 +326,7 @@ def build_scale_out_learner(daemon: Any) -> PartitionedLearnLoop:
                              client_id=f"eddy-learner-{rid}", reconnect_backoff_max_ms=k.reconnect_backoff_max_ms)
     producer = make_producer(k.bootstrap_servers, security=security, max_request_size=k.deltas_max_bytes,
                              buffer_memory=max(32 * 1_048_576, 2 * k.deltas_max_bytes))
-    daemon._closers.extend([consumer, producer])  # noqa: SLF001
+    daemon._closers.extend([consumer, producer])
     params = head_params(s.head)
     identity = daemon.backbone.identity
 
