@@ -84,7 +84,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       label_col=args.label_col, head_kind=args.head, head_params=params, order=args.order,
                       seed=args.seed, eval_every=args.eval_every, json_out=Path(args.json) if args.json else None,
                       cache_dir=s.backbone.cache_dir, runtime=s.backbone.runtime,
-                      max_tokens=s.backbone.max_tokens, batch_size=s.backbone.batch_size)
+                      max_tokens=s.backbone.max_tokens, embed_batch_size=s.backbone.batch_size,
+                      threads=s.backbone.threads)
     keys = ("head", "prequential_accuracy", "final_accuracy", "joint_reference_accuracy", "forgetting",
             "min_old_class_accuracy", "n_events", "n_classes", "learn_events_per_s")
     print(json.dumps({k: report.get(k) for k in keys}, indent=2))
