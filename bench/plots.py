@@ -66,7 +66,7 @@ def targets(ax: Any, lines: Mapping[str, float]) -> None:
     for i, (name, x) in enumerate(lines.items()):
         color = f"C{7 + i % 3}"
         ax.axvline(x, color=color, linestyle="--", linewidth=1)
-        ax.text(x, 0.03 + 0.07 * i, f" {name}", fontsize=7, color=color)
+        ax.text(x, 0.93 - 0.07 * i, f" {name}", fontsize=7, color=color)  # top: legends sit low
 
 
 def percentile_bars(ax: Any, rows: Mapping[str, Mapping[str, float]], *, ylabel: str, title: str) -> None:

@@ -562,7 +562,7 @@ def text_while_learning(plan: Plan, seed: int, cluster: Cluster) -> dict[str, An
             produced[0] = i
             stop.wait(0.1)
 
-    first = scrape(daemon.proc)
+    first, load_start = scrape(daemon.proc), time.monotonic()
     thread = threading.Thread(target=produce, name="bench-producer", daemon=True)
     thread.start()
     try:
@@ -575,9 +575,13 @@ def text_while_learning(plan: Plan, seed: int, cluster: Cluster) -> dict[str, An
         thread.join(10)
         producer.flush()
     learned = after.get(LEARNED, 0.0) - before.get(LEARNED, 0.0)
+    since_load = (after.get(LEARNED, 0.0) - first.get(LEARNED, 0.0)) / (time.monotonic() - load_start)
+    # A text batch (up to 512 events) can take longer than the window, so both rates are given.
     result.update(server="real daemon (python -m service.cli serve, role all) learning text events",
                   measured_seconds=seconds, learner_events_per_s_during=learned / seconds,
+                  learner_events_per_s_since_load_started=since_load,
                   produced_events=produced[0], daemon_timings=timing_delta(before, after),
+                  daemon_log_warnings=log_warnings(daemon.proc),
                   consumer_lag_at_end=after.get('eddy_consumer_lag{partition="0"}'))
     return result
 
@@ -730,6 +734,17 @@ def scrape(proc: Any, attempts: int = 3) -> dict[str, float]:
     return samples
 
 
+LOG_WARNINGS = {"kafka_session_expired": "Heartbeat session expired",
+                "offset_commit_failed": "offset commit to Kafka failed",
+                "export_rejected": "export rejected"}
+
+
+def log_warnings(proc: Any) -> dict[str, int]:
+    """How often the daemon's log shows each of ``LOG_WARNINGS`` so far (stalls leave these marks)."""
+    text = proc.log()
+    return {name: text.count(needle) for name, needle in LOG_WARNINGS.items()}
+
+
 def timing_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     """Count and mean seconds of the daemon's timing histograms between two scrapes."""
     out: dict[str, Any] = {}
@@ -807,6 +822,7 @@ def freshness_features(plan: Plan, seed: int, cluster: Cluster) -> dict[str, Any
                             **poll_until(stub, request, label, start=start, timeout=20)})
     out = freshness_summary(results, "features", daemon, plan)
     out["daemon_timings"] = timing_delta(before, scrape(daemon.proc))
+    out["daemon_log_warnings"] = log_warnings(daemon.proc)
     out["query"] = "Predict(features) with the class center (events are center + noise)"
     return out
 
@@ -840,6 +856,7 @@ def freshness_text(plan: Plan, seed: int, cluster: Cluster) -> dict[str, Any]:
                             **poll_until(stub, request, cat, start=start, timeout=30)})
     out = freshness_summary(results, "text", daemon, plan)
     out["daemon_timings"] = timing_delta(before, scrape(daemon.proc))
+    out["daemon_log_warnings"] = log_warnings(daemon.proc)
     out["query"] = "Predict(text) with the first of the class's produced texts"
     return out
 
@@ -963,7 +980,7 @@ def plot_freshness(parts: dict[str, Any], path: Path) -> None:
         curves[key] = (seconds, [(i + 1) / len(seconds) for i in range(len(seconds))])
     fig, (ax,) = plots.figure(1, width=6.0, height=4.0)
     plots.cdf(ax, curves, xlabel="seconds from first produce to first correct Predict",
-              title="freshness of new classes (real daemon + broker)")
+              title="freshness of new classes (real daemon + broker)", log_x=True)
     plots.targets(ax, {"p50 target": TARGETS["freshness_p50_s"], "p99 target": TARGETS["freshness_p99_s"]})
     plots.save(fig, path)
 

@@ -104,7 +104,7 @@ class ExportSettings(_Section):
     """When to export a new model and the gates it must pass."""
 
     every_events: int = Field(1_000, gt=0)
-    every_seconds: float = Field(0.25, gt=0)
+    every_seconds: float = Field(1.0, gt=0)
     keep: int = Field(10, ge=1)
     registry_dir: Path = Path(".eddy/models")
     parity_tolerance: float = Field(1e-4, gt=0)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 MAX_LABEL_CHARS = 256
 MAX_ID_CHARS = 256
@@ -84,6 +85,22 @@ def _decode(raw: bytes | None, *, dim: int, max_bytes: int) -> Event:
     if len(raw) > max_bytes:
         raise _BadEvent("too_large", f"message is {len(raw)} bytes, at most {max_bytes} allowed")
     try:
+        # orjson is ~12x faster than the standard parser on feature arrays; it rejects NaN/Infinity,
+        # invalid UTF-8 and deep nesting, and then the slow path below names the exact reason.
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        obj = _parse_slowly(raw)
+    if not isinstance(obj, dict):
+        raise _BadEvent("not_object", f"expected a JSON object, got {type(obj).__name__}")
+    # Booleans can only come from the literals true/false; when the bytes hold neither, the exact
+    # per-element type check of the features can be skipped (it costs more than parsing them).
+    maybe_bools = b"true" in raw or b"false" in raw
+    return _from_object(obj, dim, maybe_bools)
+
+
+def _parse_slowly(raw: bytes) -> Any:
+    """Parse with the standard library only to classify why the fast parser refused ``raw``."""
+    try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _BadEvent("not_utf8", f"message is not UTF-8: {exc.reason} at byte {exc.start}") from None
@@ -91,12 +108,25 @@ def _decode(raw: bytes | None, *, dim: int, max_bytes: int) -> Event:
         obj = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise _BadEvent("not_json", f"message is not JSON: {str(exc)[:200]}") from None
-    if not isinstance(obj, dict):
-        raise _BadEvent("not_object", f"expected a JSON object, got {type(obj).__name__}")
-    return _from_object(obj, dim)
+    if _has_non_finite(obj):
+        raise _BadEvent("non_finite", "numbers must be finite")
+    # The standard parser accepted what the fast one refused (e.g. integers beyond 64 bits).
+    return obj
 
 
-def _from_object(obj: dict[str, Any], dim: int) -> Event:
+def _has_non_finite(obj: Any, depth: int = 0) -> bool:
+    if isinstance(obj, float):
+        return not math.isfinite(obj)
+    if depth > 64:
+        return False
+    if isinstance(obj, list):
+        return any(_has_non_finite(v, depth + 1) for v in obj)
+    if isinstance(obj, dict):
+        return any(_has_non_finite(v, depth + 1) for v in obj.values())
+    return False
+
+
+def _from_object(obj: dict[str, Any], dim: int, maybe_bools: bool = True) -> Event:
     missing = REQUIRED - obj.keys()
     if missing:
         raise _BadEvent("missing_field", f"missing required field(s): {', '.join(sorted(missing))}")
@@ -121,7 +151,7 @@ def _from_object(obj: dict[str, Any], dim: int) -> Event:
         if not isinstance(obj["text"], str) or not obj["text"].strip():
             raise _BadEvent("bad_type", "'text' must be a non-empty string")
         return Event(event_id, label, text=obj["text"], ts=ts)
-    return Event(event_id, label, features=_features(obj["features"], dim), ts=ts)
+    return Event(event_id, label, features=_features(obj["features"], dim, maybe_bools), ts=ts)
 
 
 def _timestamp(value: Any) -> float | None:
@@ -132,14 +162,21 @@ def _timestamp(value: Any) -> float | None:
     return float(value)
 
 
-def _features(value: Any, dim: int) -> np.ndarray:
+_NUMBER_TYPES = frozenset({float, int})
+
+
+def _features(value: Any, dim: int, maybe_bools: bool) -> np.ndarray:
     if not isinstance(value, list):
         raise _BadEvent("bad_type", f"'features' must be an array of numbers, got {type(value).__name__}")
     if len(value) != dim:
         raise _BadEvent("wrong_dimension", f"got {len(value)} features, expected {dim}")
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+    # Exact types: bool is a subclass of int and must not pass as a number.
+    if maybe_bools and not {type(v) for v in value} <= _NUMBER_TYPES:
         raise _BadEvent("bad_type", "'features' must contain only numbers")
-    arr = np.asarray(value, dtype=np.float64)
+    arr = np.array(value)  # dtype inferred: strings, nulls or nesting give a non-numeric or 2-d array
+    if arr.ndim != 1 or arr.dtype.kind not in "fi":
+        raise _BadEvent("bad_type", "'features' must contain only numbers")
+    arr = arr.astype(np.float64, copy=False)
     if not np.isfinite(arr).all() or np.abs(arr).max(initial=0.0) > np.finfo(np.float32).max:
         raise _BadEvent("non_finite", "'features' must be finite float32 numbers")
     return arr.astype(np.float32)

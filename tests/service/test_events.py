@@ -83,3 +83,31 @@ def test_schema_mentions_dimension():
     schema = json_schema(384)
     assert schema["properties"]["features"]["minItems"] == 384
     assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        ["1.5", 2, 3, 4],
+        [None, 2, 3, 4],
+        [[1], [2], [3], [4]],
+        [1, 2, 3, {"a": 1}],
+        [True, False, True, False],
+        [1.5, True, 2.5, 3.5],
+    ],
+)
+def test_non_numbers_in_features_are_bad_type(features):
+    raw = json.dumps({"id": "a", "label": "x", "features": features}).encode()
+    got = dec(raw)
+    assert isinstance(got, Rejection) and got.reason == "bad_type", got
+
+
+def test_bools_elsewhere_do_not_hide_bools_in_features():
+    raw = json.dumps({"id": "a", "label": "x", "features": [1, True, 2, 3], "meta": {"flag": False}}).encode()
+    got = dec(raw)
+    assert isinstance(got, Rejection) and got.reason == "bad_type"
+
+
+def test_true_in_text_does_not_reject_good_features():
+    raw = json.dumps({"id": "a", "label": "true", "features": GOOD_FEATURES, "meta": {"ok": True}}).encode()
+    assert isinstance(dec(raw), Event)
