@@ -144,11 +144,11 @@ def _knn(k: float) -> Any:
 
 # Five candidates each: the same tuning budget for every River method.
 RIVER_METHODS: dict[str, RiverMethod] = {m.name: m for m in (
-    RiverMethod("river-softmax", "lr", (0.01, 0.03, 0.1, 0.3, 1.0), _softmax,
+    RiverMethod("river-softmax", "lr", (0.03, 0.1, 0.3, 1.0, 3.0), _softmax,
                 "linear_model.SoftmaxRegression(optimizer=SGD(lr)) (multinomial logistic)"),
-    RiverMethod("river-ovr-logistic", "lr", (0.01, 0.03, 0.1, 0.3, 1.0), _ovr_logistic,
+    RiverMethod("river-ovr-logistic", "lr", (0.1, 0.3, 1.0, 3.0, 10.0), _ovr_logistic,
                 "multiclass.OneVsRestClassifier(linear_model.LogisticRegression(optimizer=SGD(lr)))"),
-    RiverMethod("river-ovr-pa", "C", (0.001, 0.01, 0.1, 1.0, 10.0), _ovr_pa,
+    RiverMethod("river-ovr-pa", "C", (0.01, 0.1, 1.0, 10.0, 100.0), _ovr_pa,
                 "multiclass.OneVsRestClassifier(linear_model.PAClassifier(C, mode=1))"),
     RiverMethod("river-ovr-alma", "alpha", (0.1, 0.3, 0.5, 0.7, 0.9), _ovr_alma,
                 "multiclass.OneVsRestClassifier(linear_model.ALMAClassifier(alpha))"),

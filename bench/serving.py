@@ -37,6 +37,7 @@ import multiprocessing as mp
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -985,6 +986,10 @@ def plot_freshness(parts: dict[str, Any], path: Path) -> None:
     plots.save(fig, path)
 
 
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen parts, print the table, write JSON and plots."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -996,6 +1001,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-seconds", type=float, help="override the length of a swap-part block")
     parser.add_argument("--keep-work", action="store_true", help="keep the work dir (broker data, daemon logs)")
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. a runner's timeout) unwinds like Ctrl-C, so the broker JVM and the daemons
+    # this run started are stopped by the ``finally`` below instead of being orphaned.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     plan = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("swaps", args.swaps), ("block_seconds", args.block_seconds))
                  if v is not None}

@@ -1,12 +1,13 @@
 """eddy's replay memory: a FAISS store of embeddings, its sampling policy, and error compensation."""
 
-from memory.compensation import ErrorMemory
+from memory.compensation import Compensator, ErrorMemory
 from memory.index import IndexKind, Metric, VectorIndex, gpu_count
 from memory.policy import class_targets, reservoir_decision
 from memory.replay import AddResult, IndexBuild, ReplayMemory
 
 __all__ = [
     "AddResult",
+    "Compensator",
     "ErrorMemory",
     "IndexBuild",
     "IndexKind",

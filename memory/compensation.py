@@ -22,10 +22,19 @@ Pure numpy (brute-force cosine over at most ``capacity`` rows); no I/O; not thre
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+# Defaults of the served compensation, chosen on a drift stream of banking77 (bench/drift.py, tuning
+# seed 1; reported on seed 0 in bench/results/drift.json).
+DEFAULT_CAPACITY = 2000
+DEFAULT_K = 5
+DEFAULT_STRENGTH = 0.8
+DEFAULT_THRESHOLD = 0.7
 
 
 class ErrorMemory:
@@ -80,7 +89,8 @@ class ErrorMemory:
         known = np.array([col.get(y, -1) for y in self._labels[: self._n]], dtype=np.int64)
         if self._n == 0 or not (known >= 0).any():
             return P
-        S = Q.astype(np.float64) @ self._X[: self._n].T.astype(np.float64)
+        # float32 product (no float64 copy of the whole memory per call: this runs per request)
+        S = (Q @ self._X[: self._n].T).astype(np.float64)
         S[:, known < 0] = -np.inf  # the head cannot output those labels
         kk = min(k, self._n)
         nearest = np.argpartition(-S, kk - 1, axis=1)[:, :kk]
@@ -117,6 +127,30 @@ class ErrorMemory:
         X = np.asarray(state["vectors"], dtype=np.float32).reshape(-1, self.dim)
         if len(X):
             self.add(X, [str(v) for v in state["labels"]])
+
+
+@dataclass(frozen=True)
+class Compensator:
+    """A frozen copy of an ``ErrorMemory`` and the settings to apply it: what a served model carries.
+
+    Nothing mutates ``errors`` after ``freeze``, so any number of threads may call ``apply``.
+    """
+
+    errors: ErrorMemory
+    k: int = DEFAULT_K
+    strength: float = DEFAULT_STRENGTH
+    threshold: float = DEFAULT_THRESHOLD
+
+    @classmethod
+    def freeze(cls, errors: ErrorMemory, **settings: Any) -> Compensator:
+        """A compensator over a deep copy of ``errors`` (later mistakes do not reach it)."""
+        return cls(copy.deepcopy(errors), **settings)
+
+    def apply(self, X: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+        """``ErrorMemory.adjust`` with these settings, as float32 ``(m, len(classes))``."""
+        adjusted = self.errors.adjust(X, probs, classes, k=self.k, strength=self.strength,
+                                      threshold=self.threshold)
+        return adjusted.astype(np.float32)
 
 
 def _unit(X: np.ndarray) -> np.ndarray:

@@ -70,7 +70,8 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
     """Learn every good event in ``records``; return dead letters and counts.
 
     ``embed`` turns texts into ``(n, dim)`` float32 rows (None: text events are dead-lettered).
-    ``predict``, if given, scores the events before they are learned (prequential accuracy).
+    ``predict``, if given, scores the events before they are learned (prequential accuracy); its
+    mistakes go to ``state.errors`` when the state has an error memory.
     Never raises for a bad record.
     """
     out = BatchOutcome()
@@ -154,6 +155,8 @@ def _learn(state: LearnerState, X: np.ndarray, kept: list[tuple[Record, Event]],
             guesses = np.asarray(classes, dtype=object)[probs.argmax(axis=1)]
             out.correct = int(sum(g == y for g, y in zip(guesses, labels, strict=True)))
             out.predicted = len(labels)
+            if state.errors is not None:  # ReLoop2: what the served model got wrong, for compensation
+                state.errors.add_mistakes(X, labels, guesses.tolist())
     known = set(state.head.classes_)
     out.new_classes = list(dict.fromkeys(label for label in labels if label not in known))
     state.head.learn_many(X, labels)

@@ -181,6 +181,7 @@ class Daemon:
         from service.exporter import Exporter
         from service.kafka import DeadLetterWriter, ensure_topics, make_consumer, make_producer
         from service.loop import LearnLoop, LoopOptions
+        from service.rebuild import restore_state
         from service.refetch import KafkaRefetcher
         from service.state import new_state
 
@@ -189,11 +190,11 @@ class Daemon:
         ensure_topics(k.bootstrap_servers, {k.topic: 1, k.control_topic: 1}, security=security)
         ensure_topics(k.bootstrap_servers, {f"{k.topic}.dlq": 1}, security=security, compacted={f"{k.topic}.dlq"})
         state = new_state(s.head.kind, head_params(s.head), build_memory(s), window=k.dedupe_window,
-                          backbone_identity=self.backbone.identity)
+                          backbone_identity=self.backbone.identity, errors=build_error_memory(s))
         store = SnapshotStore(Path(s.checkpoint.dir), keep=s.checkpoint.keep)
         restored = store.latest()
         if restored is not None:
-            state.restore(restored)
+            restore_state(state, restored, s.head.kind, head_params(s.head))  # rebuilds a head whose settings changed
             log.info("restored snapshot: %d events learned, offsets %s", state.counters.learned, state.offsets)
         consumer = make_consumer(k.bootstrap_servers, group_id=k.group_id, topics=None, security=security,
                                  session_timeout_ms=k.session_timeout_ms,
@@ -262,6 +263,13 @@ def build_memory(s: Settings) -> Any:
         return None
     return ReplayMemory(s.backbone.dim, index=m.index, max_items=m.max_items, max_bytes=m.max_bytes,
                         recency_weight=m.recency_weight, seed=s.head.seed, use_gpu=m.use_gpu)
+
+
+def build_error_memory(s: Settings) -> Any:
+    """The error-compensation memory (``memory.error_compensation``), or None when it is off."""
+    from memory.compensation import DEFAULT_CAPACITY, ErrorMemory
+
+    return ErrorMemory(DEFAULT_CAPACITY, s.backbone.dim) if s.memory.error_compensation else None
 
 
 def security_from(k: Any) -> Any:

@@ -23,6 +23,7 @@ import numpy as np
 
 from learner.export import check_parity, load_session, readout_to_onnx
 from learner.heads.base import Head, Readout
+from memory.compensation import Compensator
 from service import metrics
 from service.registry import ModelRegistry
 from service.served_model import Backbone, ModelSlot, ServedModel
@@ -55,8 +56,12 @@ class Exporter:
         self.max_accuracy_drop = max_accuracy_drop
 
     def export(self, head: Head, *, probe: np.ndarray, window: tuple[np.ndarray, list[str]],
-               offsets: dict[str, int]) -> ExportResult:
-        """Export ``head`` and swap it in if it passes the gates. Never raises for a bad model."""
+               offsets: dict[str, int], compensation: Compensator | None = None) -> ExportResult:
+        """Export ``head`` and swap it in if it passes the gates. Never raises for a bad model.
+
+        ``compensation`` (a frozen error memory) is attached to the served model; the gates judge
+        the ONNX head alone.
+        """
         start = time.perf_counter()
         readout = head.readout()
         if not readout.classes:
@@ -78,7 +83,8 @@ class Exporter:
             log.warning("export rejected, version %d keeps serving: %s", self.slot_version(), reason)
             return ExportResult(False, None, reason, time.perf_counter() - start)
         published = self.registry.publish(data, meta)
-        served = ServedModel.from_session(session, version=published, meta=meta, backbone=self.backbone)
+        served = ServedModel.from_session(session, version=published, meta=meta, backbone=self.backbone,
+                                          compensation=compensation)
         self.slot.swap(served)
         seconds = time.perf_counter() - start
         metrics.EXPORT_SECONDS.observe(seconds)
@@ -107,7 +113,7 @@ class Exporter:
         new_acc = float(np.mean(np.asarray(readout.classes, dtype=object)[
             readout.predict_proba(X[mask]).argmax(1)] == truth))
         old_acc = float(np.mean(np.asarray(current.classes, dtype=object)[
-            current.predict_features(X[mask]).argmax(1)] == truth))
+            current.predict_raw(X[mask]).argmax(1)] == truth))  # head vs head: compensation aside
         if new_acc < old_acc - self.max_accuracy_drop:
             return f"quality: accuracy {new_acc:.4f} vs served {old_acc:.4f} (max drop {self.max_accuracy_drop})"
         return ""

@@ -30,6 +30,8 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from learner.heads.base import Head
+from learner.heldout import fit_heldout_temperature
+from memory.compensation import Compensator
 from service import metrics
 from service.batch import Embed, Predict, Record, learn_batch, tp_key
 from service.checkpoint import SnapshotStore
@@ -40,6 +42,8 @@ from service.state import LearnerState
 from service.window import RecentRows
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_SAMPLE = 1024  # memory items the temperature is fitted on (bench/calibration.py)
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class LearnLoop:
         self._last_export = self._last_snapshot = self._last_log = self._last_gcv = time.monotonic()
         self._exporting: Future[tuple[_ExportJob, ExportResult]] | None = None
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
+        self._calibration_rng = np.random.default_rng(0)
         self._log_counts = {"learned": 0, "dead_letter": 0, "duplicate": 0}
         self.correct = self.predicted = 0
         self.alive = threading.Event()
@@ -214,13 +219,27 @@ class LearnLoop:
         if refit:
             self._last_gcv = time.monotonic()
         X, labels = self.recent.rows()
+        errors = self.state.errors
         job = _ExportJob(copy.deepcopy(self.state.head), X, labels, dict(self.state.offsets),
-                         self._pending_since, refit)
+                         self._pending_since, refit,
+                         compensation=Compensator.freeze(errors) if errors is not None else None,
+                         calibration=self._calibration_sample() if refit else None)
         self._pending_since = None
         self._changed = False
         self._since_export = 0
         self._last_export = time.monotonic()
         self._exporting = self._export_pool.submit(self._export, job)
+
+    def _calibration_sample(self) -> tuple[np.ndarray, list[str]] | None:
+        """A class-balanced memory sample to fit the temperature on, when it is "auto"; else None.
+
+        Taken on the learner thread: the memory is mutated here, so it is read here.
+        """
+        memory = self.state.memory
+        if memory is None or not len(memory) or getattr(self.state.head, "temperature", None) != "auto":
+            return None
+        X, labels, _ = memory.sample(CALIBRATION_SAMPLE, self._calibration_rng)
+        return X, labels
 
     def _export(self, job: _ExportJob) -> tuple[_ExportJob, ExportResult]:
         assert self.exporter is not None
@@ -228,8 +247,12 @@ class LearnLoop:
             choose = getattr(job.head, "choose_lambda", None)
             if callable(choose):
                 choose()
+        if job.calibration is not None:  # after choose_lambda: leave-one-out scores depend on it
+            temperature = fit_heldout_temperature(job.head, *job.calibration)
+            if temperature is not None:
+                job.head.set_temperature(temperature)  # type: ignore[attr-defined]
         result = self.exporter.export(job.head, probe=job.X[-64:], window=(job.X, job.labels),
-                                      offsets=job.offsets)
+                                      offsets=job.offsets, compensation=job.compensation)
         return job, result
 
     def _collect_export(self, wait: bool = False) -> int | None:
@@ -352,13 +375,18 @@ class _ExportJob:
     offsets: dict[str, int]
     pending_since: float | None
     refit: bool
+    compensation: Compensator | None = None  # frozen error memory for the served model
+    calibration: tuple[np.ndarray, list[str]] | None = None  # memory sample to fit the temperature on
 
 
 def _adopt_solver_choices(head: Head, solved: Head) -> None:
-    """Keep choices made while solving the copy (ridge's GCV lambda) so the next solve reuses them."""
+    """Keep choices made while solving the copy (ridge's GCV lambda, a fitted temperature) for the next solves."""
     chosen = getattr(solved, "lam_", None)
     if chosen is not None and hasattr(head, "lam_"):
         head.lam_ = chosen
+    fitted = getattr(solved, "fitted_temperature_", None)
+    if fitted is not None and fitted != getattr(head, "fitted_temperature_", None):
+        head.set_temperature(fitted)  # type: ignore[attr-defined]
 
 
 class _Rebalance(ConsumerRebalanceListener):

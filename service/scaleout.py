@@ -104,6 +104,7 @@ class PartitionedLearnLoop:
         self.opt = options
         self.parts: dict[int, PartitionState] = {}
         self.owned: set[int] = set()
+        self._pending: list[TopicPartition] = []  # assigned, paused, not yet restored
         self.published = 0
         self._since_publish = 0
         self._publish_soon = False
@@ -131,6 +132,8 @@ class PartitionedLearnLoop:
                 continue  # fetched before a revocation: the new owner reads them again
             records = [Record(tp.topic, tp.partition, m.offset, m.value, tuple(m.headers or ()), now) for m in msgs]
             self._learn(self.parts[tp.partition], records)
+        if self._pending:  # after learning: records fetched for them before the seek are dropped
+            self.take_over()
         self._maybe_publish()
         self._maybe_log()
 
@@ -161,13 +164,14 @@ class PartitionedLearnLoop:
         if due or self._publish_soon or self._since_publish >= self.opt.publish_every_events:
             self.publish("periodic")
 
-    def publish(self, why: str) -> int:
+    def publish(self, why: str, *, commit: bool = True) -> int:
         """Publish every changed owned partition's cumulative state, then commit their offsets.
 
         Dead letters are flushed first, and offsets are committed only after Kafka acknowledged
         the states that cover them. Raises ``BrokerError`` if a state was not written (the caller
         must stop: committing or continuing would let the group move past unpublished events).
-        Returns the number of records published.
+        Returns the number of records published. ``commit=False`` skips the commit (inside a
+        rebalance callback kafka-python 3 cannot commit; the next owner commits on take-over).
         """
         changed = [self.parts[p] for p in sorted(self.owned) if self.parts[p].changed]
         self._since_publish, self._publish_soon = 0, False
@@ -196,7 +200,8 @@ class PartitionedLearnLoop:
         metrics.SNAPSHOT_SECONDS.observe(seconds)
         metrics.LAST_SNAPSHOT_TIMESTAMP.set(time.time())
         log.debug("published %d partition states (%s) in %.3f s", len(sent), why, seconds)
-        self._commit({TopicPartition(self.opt.topic, part.partition): nxt for part, nxt, _ in sent})
+        if commit:
+            self._commit({TopicPartition(self.opt.topic, part.partition): nxt for part, nxt, _ in sent})
         return len(sent)
 
     def _commit(self, offsets: dict[TopicPartition, int]) -> None:
@@ -208,16 +213,29 @@ class PartitionedLearnLoop:
     # -- rebalancing -------------------------------------------------------------------------
     def revoke(self, partitions: list[TopicPartition]) -> None:
         """Publish what changed, then stop owning ``partitions`` (their states stay parked)."""
-        self.publish("revoke")
+        self.publish("revoke", commit=False)
+        self._pending = [tp for tp in self._pending if tp not in partitions]
         for tp in partitions:
             if tp.topic == self.opt.topic:
                 self.owned.discard(tp.partition)
                 with contextlib.suppress(KeyError):  # no lag was reported for it yet
                     metrics.CONSUMER_LAG.remove(str(tp.partition))
 
-    def assign(self, partitions: list[TopicPartition]) -> None:
-        """Own ``partitions``: restore each from its best published state and seek to its offset."""
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        """Note newly assigned partitions and pause them until ``take_over`` restores them.
+
+        Runs inside the rebalance callback, which in kafka-python 3 blocks the client's event loop
+        (heartbeats included): reading the deltas topic there can outlast the session timeout and
+        start a rebalance storm, so the slow part waits for the loop thread.
+        """
         tps = [tp for tp in partitions if tp.topic == self.opt.topic]
+        if tps:
+            self.consumer.pause(*tps)
+        self._pending = tps
+
+    def take_over(self) -> None:
+        """Own the pending partitions: restore each from its best published state, seek, resume."""
+        tps, self._pending = self._pending, []
         keys = [tp_key(tp.topic, tp.partition) for tp in tps]
         latest = self.restore(keys) if keys else {}
         log.info("assigned partitions %s; published states: %s", sorted(tp.partition for tp in tps),
@@ -233,6 +251,10 @@ class PartitionedLearnLoop:
                 self.consumer.seek(tp, nxt)
         for p in [p for p in self.parts if p not in self.owned]:
             del self.parts[p]  # parked states of partitions now owned elsewhere would go stale
+        if tps:
+            self.consumer.resume(*tps)
+        restored = {tp: self.parts[tp.partition].next_offset(self.opt.topic) for tp in tps}
+        self._commit({tp: nxt for tp, nxt in restored.items() if nxt is not None})  # states already acked
 
     def _adopt(self, partition: int, record: DeltaRecord | None) -> PartitionState:
         parked = self.parts.get(partition)
@@ -290,7 +312,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.loop.revoke(list(revoked))
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.loop.assign(list(assigned))
+        self.loop.assigned(list(assigned))
 
 
 def _broker_up(consumer: KafkaConsumer) -> bool:
@@ -324,8 +346,7 @@ def build_scale_out_learner(daemon: Any) -> PartitionedLearnLoop:
                              session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
                              max_poll_records=k.batch_max_events, auto_offset_reset=k.auto_offset_reset,
                              client_id=f"eddy-learner-{rid}", reconnect_backoff_max_ms=k.reconnect_backoff_max_ms)
-    producer = make_producer(k.bootstrap_servers, security=security, max_request_size=k.deltas_max_bytes,
-                             buffer_memory=max(32 * 1_048_576, 2 * k.deltas_max_bytes))
+    producer = make_producer(k.bootstrap_servers, security=security, max_request_size=k.deltas_max_bytes)
     daemon._closers.extend([consumer, producer])
     params = head_params(s.head)
     identity = daemon.backbone.identity

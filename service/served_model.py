@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from memory.compensation import Compensator
 from service.errors import ModelError
 from service.metrics import LAST_SWAP_TIMESTAMP, MODEL_VERSION, SWAPS
 from service.registry import ModelRegistry
@@ -60,10 +61,12 @@ class ServedModel:
     meta: Mapping[str, str]
     n_features: int
     backbone: Backbone | None = None
+    # Error compensation (memory.compensation) applied after the ONNX head; None: the head alone.
+    compensation: Compensator | None = None
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession, *, version: int, meta: Mapping[str, str],
-                     backbone: Backbone | None = None) -> ServedModel:
+                     backbone: Backbone | None = None, compensation: Compensator | None = None) -> ServedModel:
         """Wrap a built session; ``meta`` must hold ``classes`` (a JSON list). Runs one warm-up.
 
         Raises ``ModelError`` if the session's input/output names or widths disagree with ``meta``.
@@ -74,7 +77,8 @@ class ServedModel:
             raise ModelError("model metadata has no valid 'classes' JSON list") from None
         n_features = _input_width(session)
         model = cls(version=version, classes=classes, session=session,
-                    meta=MappingProxyType(dict(meta)), n_features=n_features, backbone=backbone)
+                    meta=MappingProxyType(dict(meta)), n_features=n_features, backbone=backbone,
+                    compensation=compensation)
         probs = model.predict_features(np.zeros((1, n_features), dtype=np.float32))  # warm-up
         if probs.shape != (1, len(classes)):
             raise ModelError(f"model outputs {probs.shape[1]} probabilities, "
@@ -112,8 +116,17 @@ class ServedModel:
     def predict_features(self, X: np.ndarray) -> np.ndarray:
         """Probabilities float32 ``(n, k)`` for feature rows ``X`` (``(n, d)``, any real dtype).
 
-        Raises ``ValueError`` for a wrong shape ("got 383 features, expected 384") or NaN/Inf.
+        The ONNX head's output, moved towards the labels of nearby recent mistakes when the model
+        carries a ``compensation``. Raises ``ValueError`` for a wrong shape ("got 383 features,
+        expected 384") or NaN/Inf.
         """
+        probs = self.predict_raw(X)
+        if self.compensation is None or not len(probs):
+            return probs
+        return self.compensation.apply(X, probs, self.classes)
+
+    def predict_raw(self, X: np.ndarray) -> np.ndarray:
+        """The ONNX head's probabilities alone (no compensation); same contract as ``predict_features``."""
         X = np.ascontiguousarray(X, dtype=np.float32)
         if X.ndim != 2:
             raise ValueError(f"expected a 2-d array of shape (n, {self.n_features}), got {X.ndim}-d")

@@ -19,7 +19,7 @@ from learner.heads import make_head
 from learner.heads.base import Head
 
 if TYPE_CHECKING:
-    from memory import ReplayMemory
+    from memory import ErrorMemory, ReplayMemory
 
 _PARTITION_SHIFT = 40  # offsets below 2**40 (1e12 messages per partition) fit beside the partition
 
@@ -153,6 +153,7 @@ class LearnerState:
     counters: Counters = field(default_factory=Counters)
     model_version: int = 0
     backbone_identity: str = ""
+    errors: ErrorMemory | None = None  # recent mistakes of the served model (memory.error_compensation)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a snapshot stores."""
@@ -166,6 +167,7 @@ class LearnerState:
             "counters": vars(self.counters).copy(),
             "model_version": self.model_version,
             "backbone_identity": self.backbone_identity,
+            "errors": self.errors.state_dict() if self.errors is not None else None,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -179,12 +181,14 @@ class LearnerState:
         self.counters = Counters(**state["counters"])
         self.model_version = int(state["model_version"])
         self.backbone_identity = str(state["backbone_identity"])
+        if self.errors is not None and state.get("errors") is not None:  # older snapshots have none
+            self.errors.load_state_dict(state["errors"])
 
 
 def new_state(head_kind: str, head_params: dict[str, Any], memory: ReplayMemory | None, *,
-              window: int, backbone_identity: str) -> LearnerState:
-    """A fresh state, as before the first event."""
+              window: int, backbone_identity: str, errors: ErrorMemory | None = None) -> LearnerState:
+    """A fresh state, as before the first event (``errors``: an empty error memory, or None)."""
     return LearnerState(
         head=make_head(head_kind, **head_params), memory=memory, window=IdWindow(window),
-        tombstones=Tombstones(max(window, 1)), backbone_identity=backbone_identity,
+        tombstones=Tombstones(max(window, 1)), backbone_identity=backbone_identity, errors=errors,
     )

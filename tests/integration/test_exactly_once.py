@@ -145,9 +145,9 @@ def hostile_messages(n: int, seed: int = 0) -> list[tuple[str, bytes]]:
         if k == 0:
             kinds.append(("random", bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 200)))))
         elif k == 1:
-            kinds.append(("huge", b'{"id": "h%d", "label": "x", "text": "' % i + b"a" * 1_100_000 + b'"}'))
+            kinds.append(("huge", b'{"id": "h%d", "label": "x", "text": "' % i + b"a" * 100_000 + b'"}'))
         elif k == 2:
-            kinds.append(("nested", b"[" * 50_000 + b"]" * 50_000))
+            kinds.append(("nested", b"[" * 5_000 + b"]" * 5_000))
         elif k == 3:
             kinds.append(("nan", b'{"id": "n%d", "label": "x", "features": [' % i + b",".join([b"NaN"] * DIM) + b"]}"))
         elif k == 4:
@@ -160,7 +160,7 @@ def hostile_messages(n: int, seed: int = 0) -> list[tuple[str, bytes]]:
         elif k == 7:
             kinds.append(("empty_label", json.dumps({"id": f"e{i}", "label": "", "features": [0.1] * DIM}).encode()))
         elif k == 8:
-            kinds.append(("deep_object", b'{"a":' * 20_000 + b"1" + b"}" * 20_000))
+            kinds.append(("deep_object", b'{"a":' * 5_000 + b"1" + b"}" * 5_000))
         else:
             kinds.append(("empty", b""))
     return kinds
@@ -178,7 +178,7 @@ def test_fuzz_hostile_messages_interleaved_with_good_ones(kafka_bootstrap, topic
         producer.send(topic_name, v)
     producer.flush()
     producer.close()
-    env = daemon_env(tmp_path, kafka_bootstrap, topic_name, **RIDGE_ENV)
+    env = daemon_env(tmp_path, kafka_bootstrap, topic_name, **RIDGE_ENV, EDDY_KAFKA__MAX_EVENT_BYTES="65536")
     daemon = start_daemon(tmp_path, env)
     try:
         daemon.wait_metric('eddy_events_total{result="dead_letter"}', lambda v: v >= 10_000, timeout=300)

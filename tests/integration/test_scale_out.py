@@ -54,6 +54,18 @@ class Client(threading.Thread):
         return [str(v) for ok, v in self.calls[first:] if not ok]
 
 
+def _wait_merged(merger: DaemonProc, learners: list[DaemonProc], n: int, timeout: float) -> None:
+    """Wait until the merger has merged ``n`` events, failing at once if a learner replica died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for learner in learners:
+            assert learner.proc.poll() is None, f"learner exited:\n{learner.log()[-3000:]}"
+        if merger.wait_metric(LEARNED, lambda v: True) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"merger did not reach {n} events:\n{merger.log()[-3000:]}")
+
+
 def _create_topic(bootstrap: str, topic: str) -> None:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
@@ -125,11 +137,12 @@ def test_three_replicas_one_killed_merge_to_the_single_learner_statistics(kafka_
 
         producer = threading.Thread(target=_produce, args=(kafka_bootstrap, topic_name, events, 1000.0))
         producer.start()
-        merger.wait_metric(LEARNED, lambda v: v >= 5000, timeout=180)
+        _wait_merged(merger, learners, 5000, timeout=180)
         learners[0].kill()  # SIGKILL mid-stream, then restart a replacement at once
-        procs.append(start_daemon(tmp_path, env, role="learn", name="learner-3"))
+        learners[0] = start_daemon(tmp_path, env, role="learn", name="learner-3")
+        procs.append(learners[0])
         producer.join()
-        merger.wait_metric(LEARNED, lambda v: v >= N_EVENTS, timeout=240)
+        _wait_merged(merger, learners, N_EVENTS, timeout=240)
         server.wait_metric("eddy_model_version", lambda v: v >= 1, timeout=30)
         time.sleep(0.5)  # a few more predictions against the final model
     finally:
