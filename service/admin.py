@@ -20,10 +20,16 @@ class DaemonAdmin:
         self.daemon = daemon
 
     async def rollback(self, version: int | None) -> int:
-        """Republish an earlier version as the newest and serve it; return the new version."""
+        """Republish an earlier version as the newest and serve it; return the new version.
+
+        Automatic exports pause so the rolled-back model keeps serving while the learner goes on
+        learning; an ``Export`` call (``eddy.v1.Admin/Export``) resumes them.
+        """
         from service.served_model import load_served_model
 
         registry, slot = self.daemon.registry, self.daemon.slot
+        if self.daemon.loop is not None:
+            await asyncio.wrap_future(self.daemon.loop.submit(self.daemon.loop.pause_exports))
         new_version = await asyncio.to_thread(registry.rollback, version)
         model = await asyncio.to_thread(load_served_model, registry.path(new_version), self.daemon.backbone,
                                         version=new_version)

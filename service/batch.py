@@ -9,12 +9,14 @@ partition is ignored, and every handled record advances that offset, whatever it
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from service import metrics
 from service.events import Event, decode
 from service.state import LearnerState
 
@@ -125,7 +127,10 @@ def _embed_isolating(texts: list[str], embed: Embed | None, dim: int) -> list[np
     if embed is None:
         return ["no backbone is configured for text events"] * len(texts)
     try:
-        return list(_checked(embed(texts), len(texts), dim))
+        start = time.perf_counter()
+        rows = list(_checked(embed(texts), len(texts), dim))
+        metrics.EMBED_SECONDS.observe(time.perf_counter() - start)
+        return rows
     except Exception as exc:  # the encoder is foreign code: isolate the offending text
         log.warning("batch embedding failed (%s); retrying %d texts one by one", exc, len(texts))
     result: list[np.ndarray | str] = []

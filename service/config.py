@@ -96,7 +96,7 @@ class MemorySettings(_Section):
     max_items: int = Field(20_000, ge=0)
     max_bytes: int | None = Field(None, gt=0)
     recency_weight: float = Field(0.0, ge=0, le=1)
-    error_compensation: bool = False
+    error_compensation: bool = True  # bench/drift.py: helps under drift, no cost when stationary
     use_gpu: Literal["auto", "never"] = "auto"
 
 

@@ -90,6 +90,7 @@ class LearnLoop:
         self._pending_since: float | None = None
         self._last_export = self._last_snapshot = self._last_log = self._last_gcv = time.monotonic()
         self._exporting: Future[tuple[_ExportJob, ExportResult]] | None = None
+        self.exports_paused = False  # set by a rollback: keep serving it until an explicit export
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
         self._calibration_rng = np.random.default_rng(0)
         self._log_counts = {"learned": 0, "dead_letter": 0, "duplicate": 0}
@@ -202,7 +203,7 @@ class LearnLoop:
     # -- export ------------------------------------------------------------------------------
     def _maybe_export(self) -> None:
         self._collect_export()
-        if self.exporter is None or not self._changed or self._exporting is not None:
+        if self.exporter is None or not self._changed or self._exporting is not None or self.exports_paused:
             return
         quiet = time.monotonic() - self._last_export < self.opt.export_every_seconds
         if self._since_export < self.opt.export_every_events and quiet:
@@ -275,10 +276,16 @@ class LearnLoop:
             metrics.LABEL_TO_SERVABLE_SECONDS.observe(max(time.time() - job.pending_since, 0.0))
         return int(result.version)
 
+    def pause_exports(self) -> None:
+        """Stop automatic exports (after a rollback) once any export in flight has landed."""
+        self.exports_paused = True
+        self._collect_export(wait=True)
+
     def export_now(self) -> int | None:
         """Export the current head through the gates now and wait; return the applied version, if any."""
         if self.exporter is None:
             return None
+        self.exports_paused = False
         self._collect_export(wait=True)
         self._start_export()
         return self._collect_export(wait=True)
@@ -291,8 +298,8 @@ class LearnLoop:
         if due or self._since_snapshot >= self.opt.snapshot_every_events:
             self.snapshot("periodic")
 
-    def snapshot(self, why: str) -> None:
-        """Flush dead letters, write a snapshot, then mirror its offsets to Kafka."""
+    def snapshot(self, why: str, *, commit: bool = True) -> None:
+        """Flush dead letters, write a snapshot, then (unless told not to) mirror its offsets to Kafka."""
         start = time.perf_counter()
         self.dlq.flush()
         self.store.write(self.state.state_dict())
@@ -301,7 +308,8 @@ class LearnLoop:
         metrics.LAST_SNAPSHOT_TIMESTAMP.set(time.time())
         self._last_snapshot, self._since_snapshot = time.monotonic(), 0
         log.debug("snapshot (%s) in %.3f s", why, seconds)
-        self._commit_mirror()
+        if commit:
+            self._commit_mirror()
 
     def _commit_mirror(self) -> None:
         offsets = {}
@@ -396,8 +404,10 @@ class _Rebalance(ConsumerRebalanceListener):
         self.loop = loop
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        # kafka-python 3 calls this on its IO thread, where a blocking commit cannot run; the snapshot
+        # alone is what resuming relies on (the committed offsets are only a mirror).
         if revoked:
-            self.loop.snapshot("revoke")
+            self.loop.snapshot("revoke", commit=False)
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.loop.seek_to_state(list(assigned))

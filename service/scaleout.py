@@ -205,6 +205,8 @@ class PartitionedLearnLoop:
         return len(sent)
 
     def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if not offsets:
+            return
         try:
             self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
         except Exception as exc:  # the mirror is best effort: the published states are the truth

@@ -79,7 +79,9 @@ def choose_gcv_lambda(G: np.ndarray, Q: np.ndarray, n: float, y2: float | None =
     """
     if n <= 0:
         raise ValueError(f"GCV needs at least one event, got n={n}")
-    s, V = scipy.linalg.eigh(G, lower=False, driver="evd", check_finite=False)
+    # numpy's eigh releases the GIL; scipy's held it for the whole ~1.5 s call at M = 2048, stalling
+    # every other thread of the daemon (gRPC, Kafka heartbeats).
+    s, V = np.linalg.eigh(G, UPLO="U")
     qt2 = ((V.T @ Q) ** 2).sum(axis=1)
     y2 = float(n) if y2 is None else y2
     scale = max(float(np.maximum(s, 0).mean()), 1e-12)
@@ -225,16 +227,16 @@ class RidgeHead(ExactHead):
     def weights(self) -> np.ndarray:
         """``W = (G + lam I)^-1 Q`` (float64, (p, k), columns in ``classes_`` order, bias row last)."""
         if self._weights is None:
-            A = self._gram.upper()  # LAPACK reads only the upper triangle: no need to symmetrise
+            # numpy's Cholesky releases the GIL (scipy's cho_factor held it ~0.1 s at M = 2048).
+            A = self._gram.full()
             A[np.diag_indices_from(A)] += self.lambda_()
             Q = self._table.sums.T
             try:
-                factor = scipy.linalg.cho_factor(A, lower=False, overwrite_a=True, check_finite=False)
-                self._weights = scipy.linalg.cho_solve(factor, Q, check_finite=False)
-            except np.linalg.LinAlgError:  # lam tiny relative to rounding in G: symmetric solve
-                A = self._gram.full()
-                A[np.diag_indices_from(A)] += self.lambda_()
-                self._weights = scipy.linalg.solve(A, Q, assume_a="sym")
+                L = np.linalg.cholesky(A)
+                Y = scipy.linalg.solve_triangular(L, Q, lower=True, check_finite=False)
+                self._weights = scipy.linalg.solve_triangular(L.T, Y, lower=False, check_finite=False)
+            except np.linalg.LinAlgError:  # lam tiny relative to rounding in G: general solve
+                self._weights = np.linalg.solve(A, Q)
         return self._weights
 
     def _solve(self) -> Readout:
