@@ -282,7 +282,7 @@ def plan_for(args: argparse.Namespace) -> Plan:
                 datasets=args.datasets or (["banking77"] if quick else ["banking77", "bbc"]),
                 river=args.river if args.river is not None else (list(QUICK_RIVER) if quick else list(RIVER_METHODS)),
                 budget_train=600 if quick else 2000, budget_test_per_class=4 if quick else 10,
-                tune_rows=400 if quick else 1000, full_eval_every=2500 if quick else None)
+                tune_rows=400 if quick else 1000, full_eval_every=5000 if quick else None)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

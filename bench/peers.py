@@ -72,9 +72,11 @@ class PeerHead(Head):
 class RiverHead(PeerHead):
     """A River classifier fed event by event; ``make`` builds a fresh model."""
 
+    kind = "river"
+
     def __init__(self, name: str, make: Callable[[], Any]) -> None:
         super().__init__()
-        self.kind = name
+        self.name = name
         self.model = make()
 
     def learn_many(self, X: np.ndarray, labels: Sequence[str]) -> None:

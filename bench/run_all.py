@@ -4,7 +4,8 @@
 
 ``make bench`` runs the full suite (about an hour on the shared 2-core machine: River's
 pure-Python learners dominate); ``make bench-quick`` the ``--quick`` one (under 10 minutes: fewer
-events, one seed, banking77 only, one River learner). Each module is its own process with its
+events, one seed, banking77 only, one River learner; the component benchmarks heads, memory,
+backbone, heads_banking77 and grpc_latency are skipped). Each module is its own process with its
 output streamed through; a failing or timed-out module is recorded in the summary and the run goes
 on. Modules too slow for ``--quick`` keep their last full results, which the report still shows.
 """
@@ -41,10 +42,10 @@ class Module:
 
 # Order matters: throughput reads accuracy.json (River's tuned values and fastest accurate learner).
 MODULES = (
-    Module("heads", (), ("--quick", "--blas-threads", "1"), 90),
-    Module("memory", (), ("--quick",), 90),
+    Module("heads", (), None),
+    Module("memory", (), None),
     Module("export", (), (), 60),
-    Module("backbone", (), ("--n", "128"), 90),
+    Module("backbone", (), None),
     Module("footprint", (), (), 90),
     Module("heads_banking77", (), None),
     Module("grpc_latency", (), None),

@@ -30,7 +30,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from learner.heads import make_head  # noqa: E402
+from learner.heads import RidgeHead  # noqa: E402
 from service.broker import LocalKafka, free_port  # noqa: E402
 from service.checkpoint import pack  # noqa: E402
 from service.events import encode  # noqa: E402
@@ -122,7 +122,7 @@ def _freshness(bootstrap: str, topic: str, addr: str, label: str, seed: int, n: 
 def solve_and_size(width: int = 2048, classes: int = 77, n: int = 4096) -> dict:
     """Ridge solve time and one packed partition state's size at expansion ``width``."""
     rng = np.random.default_rng(0)
-    head = make_head("ridge", lam=1.0, expansion_width=width, seed=0, temperature="auto")
+    head = RidgeHead(lam=1.0, expansion_width=width, seed=0)
     head.learn_many(rng.normal(size=(n, DIM)).astype(np.float32), [f"c{i % classes}" for i in range(n)])
     times = []
     for _ in range(3):

@@ -45,6 +45,8 @@ CACHE = REPO / ".eddy" / "cache"
 BANKING77 = REPO.parent / "shared" / "data" / "banking77"
 DAEMON_BATCH = 512  # kafka.batch_max_events default
 LEARNED = 'eddy_events_total{result="learned"}'
+# The daemon's own histograms (service/metrics.py): where its time goes, whole run including start-up.
+STAGES = ("learn_batch", "embed", "export", "snapshot")
 TARGETS = {"ridge_vs_river_learn_ratio": 15.0, "text_e2e_vs_backbone_ratio": 0.85,
            "features_e2e_vs_consume_ratio": 0.8}
 
@@ -242,11 +244,14 @@ def daemon_rate(bootstrap: str, topic: str, n: int, tmp: Path, env_extra: dict[s
         daemon.wait_metric(LEARNED, lambda v: v >= n, timeout=900)
         t_last = time.perf_counter()
         rss = psutil.Process(daemon.proc.pid).memory_info().rss
+        stages = {name: {"sum_s": daemon.metric(f"eddy_{name}_seconds_sum"),
+                         "count": daemon.metric(f"eddy_{name}_seconds_count")} for name in STAGES}
     finally:
         rc = daemon.stop()
     return {"events": n, "first_batch_events": first_count, "startup_to_first_learned_s": t_first - t_start,
             "seconds_first_to_last": t_last - t_first,
-            "events_per_s": (n - first_count) / (t_last - t_first), "daemon_rss_bytes": rss, "exit_code": rc}
+            "events_per_s": (n - first_count) / (t_last - t_first), "daemon_rss_bytes": rss, "exit_code": rc,
+            "stage_seconds_whole_run": stages}
 
 
 def backbone_rate(texts: list[str], chunk: int | None = None) -> float:
@@ -258,7 +263,7 @@ def backbone_rate(texts: list[str], chunk: int | None = None) -> float:
     from learner.backbone import load_backbone
 
     backbone = load_backbone(cache_dir=CACHE)
-    batch = chunk or getattr(backbone, "_batch_size", 64)
+    batch: int = chunk or int(getattr(backbone, "_batch_size", 64))
     backbone.embed(texts[:batch])  # warm-up: session allocations
     t0 = time.perf_counter()
     for i in range(0, len(texts), batch):
@@ -266,12 +271,12 @@ def backbone_rate(texts: list[str], chunk: int | None = None) -> float:
     return len(texts) / (time.perf_counter() - t0)
 
 
-def text_part(bootstrap: str, n: int) -> dict[str, Any]:
-    """Daemon text e2e vs bare backbone, side by side (backbone before and after the daemon run)."""
+def text_part(bootstrap: str, n: int, n_backbone: int) -> dict[str, Any]:
+    """Daemon text e2e vs bare backbone, side by side (backbone on ``n_backbone`` of the texts, before and after)."""
     from service.events import encode
 
     texts, labels, _ = banking77(n, seed=1)
-    before = backbone_rate(texts)
+    before = backbone_rate(texts[:n_backbone])
     print(f"  backbone in process: {before:,.1f} sentences/s", flush=True)
     topic = f"bench-text-{uuid.uuid4().hex[:8]}"
     produced = produce(bootstrap, topic, [encode(f"t-{i}", y, text=t)
@@ -279,12 +284,13 @@ def text_part(bootstrap: str, n: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="eddy-bench-text-") as tmp:
         daemon = daemon_rate(bootstrap, topic, n, Path(tmp), {})
     print(f"  daemon text e2e: {daemon['events_per_s']:,.1f} events/s", flush=True)
-    after = backbone_rate(texts)
+    after = backbone_rate(texts[:n_backbone])
     print(f"  backbone in process (after): {after:,.1f} sentences/s", flush=True)
-    chunked = backbone_rate(texts, DAEMON_BATCH)
+    chunked = backbone_rate(texts[:max(n_backbone, DAEMON_BATCH)], DAEMON_BATCH)
     print(f"  backbone in process, calls of {DAEMON_BATCH} texts: {chunked:,.1f} sentences/s", flush=True)
     backbone = (before + after) / 2
-    return {"events": n, "produce_seconds": produced, "backbone_sentences_per_s": [before, after],
+    return {"events": n, "backbone_texts": n_backbone, "produce_seconds": produced,
+            "backbone_sentences_per_s": [before, after],
             f"backbone_calls_of_{DAEMON_BATCH}_sentences_per_s": chunked, "daemon": daemon,
             "text_e2e_vs_backbone_ratio": daemon["events_per_s"] / backbone,
             f"text_e2e_vs_backbone_calls_of_{DAEMON_BATCH}_ratio": daemon["events_per_s"] / chunked}
@@ -325,11 +331,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("== learn rate on precomputed features", flush=True)
         doc["learn"] = learn_part(args.quick)
     if args.part in ("text", "features", "all"):
-        n_text, n_feat = (1_500, 10_000) if args.quick else (5_000, 40_000)
+        n_text, n_backbone, n_feat = (1_024, 512, 10_000) if args.quick else (5_000, 2_000, 40_000)
         with Broker() as broker:
             if args.part in ("text", "all"):
                 print(f"== text end to end ({n_text} events)", flush=True)
-                doc["text"] = text_part(broker.bootstrap, n_text)
+                doc["text"] = text_part(broker.bootstrap, n_text, n_backbone)
             if args.part in ("features", "all"):
                 print(f"== features end to end ({n_feat} events)", flush=True)
                 doc["features"] = features_part(broker.bootstrap, n_feat)

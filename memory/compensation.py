@@ -80,6 +80,33 @@ class ErrorMemory:
             self.add(np.asarray(X)[wrong], [y_true[i] for i in wrong])
         return len(wrong)
 
+    def discard(self, X: np.ndarray, labels: Sequence[str], *, min_cosine: float = 0.9999) -> int:
+        """Remove stored mistakes that are these events (same label, cosine >= ``min_cosine``); returns how many.
+
+        For forget requests: a re-embedded text may differ from its first embedding in the last
+        bits, hence a cosine rather than an exact match.
+        """
+        Q = _unit(self._check(X))
+        if len(labels) != len(Q):
+            raise ValueError(f"got {len(labels)} labels for {len(Q)} rows")
+        state = self.state_dict()
+        if not len(Q) or not len(state["labels"]):
+            return 0
+        cos = state["vectors"] @ Q.T
+        same = state["labels"][:, None] == np.asarray(list(labels), dtype=str)[None, :]
+        return self._retain(state, ~((cos >= min_cosine) & same).any(axis=1))
+
+    def remove_label(self, label: str) -> int:
+        """Remove every stored mistake whose true label is ``label``; returns how many."""
+        state = self.state_dict()
+        return self._retain(state, state["labels"] != label)
+
+    def _retain(self, state: dict[str, Any], keep: np.ndarray) -> int:
+        removed = int((~keep).sum())
+        if removed:
+            self.load_state_dict({**state, "vectors": state["vectors"][keep], "labels": state["labels"][keep]})
+        return removed
+
     def adjust(self, X: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, k: int = 5,
                strength: float = 0.5, threshold: float = 0.9) -> np.ndarray:
         """Compensated probabilities (formula in the module docstring); inputs are not modified.

@@ -84,6 +84,11 @@ def apply_forget(state: LearnerState, request: ForgetRequest, *, refetch: Refetc
         removed = state.memory.remove_event_ids([ev.id for ev in events])
         if request.label is not None:
             removed += state.memory.remove_label(request.label)
+    if state.errors is not None:  # forgotten events leave the error-compensation memory too
+        if events:
+            state.errors.discard(X, [ev.label for ev in events])
+        if request.label is not None:
+            state.errors.remove_label(request.label)
     state.window.discard(ev.id for ev in events)
     state.tombstones.add(wanted)
     state.counters.forgotten += len(events)

@@ -65,3 +65,17 @@ def test_fifo_capacity_and_state_round_trip() -> None:
         mem.add(np.zeros((1, 3)), ["a"])
     with pytest.raises(ValueError, match="probs has shape"):
         mem.adjust(Q, P[:, :2], CLASSES)
+
+
+def test_forgotten_events_and_labels_leave_the_memory() -> None:
+    rng = np.random.default_rng(2)
+    X = around(rng, np.eye(DIM)[0], 6, 0.5)
+    mem = ErrorMemory(capacity=10, dim=DIM)
+    mem.add(X, ["a", "b", "a", "c", "a", "b"])
+    assert mem.discard(X[[0, 1]] * 3.0, ["a", "c"]) == 1  # same direction and label only: row 1 is "b"
+    assert mem.state_dict()["labels"].tolist() == ["b", "a", "c", "a", "b"]
+    assert mem.remove_label("b") == 2 and mem.remove_label("zzz") == 0
+    assert mem.state_dict()["labels"].tolist() == ["a", "c", "a"]
+    np.testing.assert_allclose(mem.state_dict()["vectors"], X[[2, 3, 4]], atol=1e-6)
+    mem.add(X[:1], ["d"])  # still a FIFO afterwards
+    assert len(mem) == 4 and mem.state_dict()["labels"].tolist()[-1] == "d"

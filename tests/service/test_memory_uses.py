@@ -132,3 +132,26 @@ def test_export_fits_the_temperature_on_the_memory_and_serves_the_compensation(t
     # the parity gate compared the raw ONNX head with the solved readout: it passed, and the raw
     # output still equals the readout's probabilities
     np.testing.assert_allclose(model.predict_raw(X[-5:]), state.head.readout().predict_proba(X[-5:]), atol=1e-5)
+
+
+def test_forgetting_removes_the_events_from_the_error_memory() -> None:
+    from service.forget import ForgetRequest, apply_forget
+
+    rng = np.random.default_rng(3)
+    X = np.concatenate([around(rng, 0, 4), around(rng, 1, 4), around(rng, 2, 4)])
+    labels = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    recs = records(X, labels, 0)
+    state = new_state("ncm", {}, None, window=100, backbone_identity="bb", errors=ErrorMemory(50, D))
+
+    def always_a(rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        return np.tile([1.0, 0.0, 0.0], (len(rows), 1)), ["a", "b", "c"]
+
+    learn_batch(state, recs, embed=None, dim=D, max_event_bytes=10_000, predict=always_a)
+    assert state.errors is not None and len(state.errors) == 8
+    by_location = {(r.partition, r.offset): r.value for r in recs}
+    apply_forget(state, ForgetRequest(ids=("e4", "e5")), refetch=lambda locs: {loc: by_location[loc] for loc in locs},
+                 embed=None, dim=D, max_event_bytes=10_000)
+    assert len(state.errors) == 6
+    apply_forget(state, ForgetRequest(label="c"), refetch=lambda locs: {loc: by_location[loc] for loc in locs},
+                 embed=None, dim=D, max_event_bytes=10_000)
+    assert state.errors.state_dict()["labels"].tolist() == ["b", "b"]
