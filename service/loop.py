@@ -414,9 +414,8 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 def _broker_up(consumer: KafkaConsumer) -> bool:
-    """Whether the consumer holds a live connection to any broker (kafka-python keeps them private)."""
+    """Whether the consumer holds a live connection to any broker (kafka-python 3 keeps them private)."""
     try:
-        conns = consumer._client._conns
-        return any(conn.connected() for conn in list(conns.values()))
+        return bool(consumer._manager.least_used_connections())  # noqa: SLF001
     except Exception:
         return False
