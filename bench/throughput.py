@@ -144,7 +144,10 @@ def learn_part(quick: bool) -> dict[str, Any]:
         fastest = max(screen, key=lambda k: screen[k])
     rows: dict[str, list[float]] = {"eddy-ridge-M2048": [], "eddy-ridge-M0": [], fastest: []}
     many = f"{fastest} learn_many (mini-batch SGD)"
-    if fastest == "river-ovr-logistic":  # River's vectorised mini-batch path: a faster, different learner
+    import importlib.util
+
+    has_pandas = importlib.util.find_spec("pandas") is not None  # River's learn_many takes DataFrames
+    if fastest == "river-ovr-logistic" and has_pandas:  # River's mini-batch path: faster, a different learner
         rows[many] = []
     Xr, yr = X[:warm + n_river], y[:warm + n_river]
     for r in range(rounds):
@@ -159,7 +162,9 @@ def learn_part(quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "warm_up_events": warm, "eddy_events_per_round": n_eddy, "river_events_per_round": n_river,
         "rounds": rounds, "eddy_batch": DAEMON_BATCH, "river_values": values, "river_choice": why,
-        "screen_events_per_s": screen, "river_fastest": fastest, "events_per_s": rows, "median_events_per_s": med,
+        "screen_events_per_s": screen, "river_fastest": fastest,
+        "river_learn_many": "measured" if many in rows else "not measured (needs pandas, not installed)",
+        "events_per_s": rows, "median_events_per_s": med,
         "ridge_vs_river_learn_ratio": med["eddy-ridge-M2048"] / med[fastest],
         "ridge_M0_vs_river_learn_ratio": med["eddy-ridge-M0"] / med[fastest],
         "key_uses": "eddy-ridge-M2048 (the daemon's default head: ridge, expansion_width 2048, lambda GCV) vs "

@@ -1,6 +1,7 @@
 """``eddy serve``: wire the parts together and run them until a signal says stop.
 
-Roles: ``learn`` consumes and learns (and exports to the registry), ``serve`` answers gRPC from the
+Roles: ``learn`` consumes and learns (and exports to the registry), ``merge`` sums scale-out
+replicas' statistics into models, ``serve`` answers gRPC from the
 registry's newest model, ``all`` (default) does both in one process, swapping models in place.
 Lifecycle: startup (restore snapshot, load the served model, open sockets) -> main loop ->
 shutdown (final snapshot, graceful gRPC stop). A second SIGINT/SIGTERM forces exit.

@@ -32,6 +32,7 @@ def run_demo(*, limit: int = 1500, rate: float = 300.0) -> int:
 
     _step("1/6 starting Apache Kafka (KRaft, 127.0.0.1:9092)")
     kafka = LocalKafka(port=9092)
+    was_running = kafka.status().running
     bootstrap = kafka.start()
     data = bbc_news_csv(DEMO_DIR / "bbc.csv")
     first, later = _split(data, limit)
@@ -48,7 +49,11 @@ def run_demo(*, limit: int = 1500, rate: float = 300.0) -> int:
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(60)
-            _step(f"daemon stopped (log: {log_path}); broker left running: `eddy kafka stop` stops it")
+            if was_running:
+                _step(f"daemon stopped (log: {log_path}); the broker you started keeps running")
+            else:
+                kafka.stop()
+                _step(f"daemon and broker stopped (daemon log: {log_path})")
 
 
 def _scenario(bootstrap: str, topic: str, env: dict[str, str], first: Path, later: Path,

@@ -318,10 +318,9 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 def _broker_up(consumer: KafkaConsumer) -> bool:
-    """Whether the consumer holds a live connection to any broker (kafka-python keeps them private)."""
+    """Whether the consumer holds a live connection to any broker (as ``service.loop._broker_up``)."""
     try:
-        conns = consumer._client._conns
-        return any(conn.connected() for conn in list(conns.values()))
+        return bool(consumer._manager.least_used_connections())
     except Exception:
         return False
 

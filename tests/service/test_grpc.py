@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from grpc_fixtures import CLASSES, D, RegistryAdmin, make_readout, model_bytes, running_server, served
+from tests.service.grpc_fixtures import CLASSES, D, RegistryAdmin, make_readout, model_bytes, running_server, served
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from grpc_fixtures import CLASSES, D, make_readout, real_backbone, running_server, served, text_model
+from tests.service.grpc_fixtures import CLASSES, D, make_readout, real_backbone, running_server, served, text_model
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 

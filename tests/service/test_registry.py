@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from grpc_fixtures import model_bytes
+from tests.service.grpc_fixtures import model_bytes
 
 from service.errors import ModelError
 from service.registry import MANIFEST, ModelRegistry, model_file_name

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from grpc_fixtures import CLASSES, D, make_readout, model_bytes, served
+from tests.service.grpc_fixtures import CLASSES, D, make_readout, model_bytes, served
 
 from service import metrics
 from service.errors import ModelError
