@@ -139,7 +139,7 @@ def _headline(results: Results, summary: dict[str, Any]) -> str:
 
 
 def _accuracy(doc: dict[str, Any]) -> list[str]:
-    out = [f"Seeds {doc.get('seeds')}, orders {doc.get('orders')}, batches of {doc.get('batch_size')}, "
+    out = [f"Seeds {doc.get('seeds')}, orders {doc.get('orders')}, "
            f"{'--quick' if doc.get('quick') else 'full'} run, {doc.get('seconds', 0):.0f} s. "
            f"avalanche-lib: {doc.get('avalanche_slda')}."]
     out += [f"- {note}" for note in doc.get("notes", [])]
@@ -147,7 +147,8 @@ def _accuracy(doc: dict[str, Any]) -> list[str]:
         for subset, info in entry.get("subsets", {}).items():
             joint = info.get("joint_reference", {})
             out.append(f"\n**{dataset} / {subset}**: {info.get('source')}; {info.get('n_train')} streamed, "
-                       f"{info.get('n_test')} test rows. Joint offline logistic regression (C={joint.get('C')}): "
+                       f"{info.get('n_test')} test rows, batches of {info.get('batch_size', doc.get('batch_size'))}. "
+                       f"Joint offline logistic regression (C={joint.get('C')}): "
                        f"{_fmt(joint.get('accuracy'))}.\n")
             rows = []
             methods = list(dict.fromkeys(r["method"] for r in doc.get("aggregate", [])

@@ -60,7 +60,7 @@ def run_daemon(settings: Settings, *, role: str = "all") -> int:
         asyncio.run(daemon.run(stop))
     finally:
         daemon.close()
-    return 0
+    return 1 if daemon.crashed else 0
 
 
 def _install_signals(stop: threading.Event) -> None:
@@ -88,6 +88,7 @@ class Daemon:
         self.registry = ModelRegistry(Path(settings.export.registry_dir), keep=settings.export.keep)
         self.slot = ModelSlot()
         self.loop: Any = None
+        self.crashed = False
         self._closers: list[Any] = []
         metrics.BUILD_INFO.info({"version": _version(), "role": role, "head": settings.head.kind,
                                  "backbone": settings.backbone.name})
@@ -166,6 +167,7 @@ class Daemon:
             self.loop.run(stop)
         except Exception:
             log.exception("learner crashed; stopping the daemon")
+            self.crashed = True
             stop.set()
 
     def build_learner(self) -> Any:
@@ -215,6 +217,7 @@ class Daemon:
             snapshot_every_events=s.checkpoint.every_events, snapshot_every_seconds=s.checkpoint.every_seconds,
             log_every_seconds=s.metrics.log_every_seconds, holdout_size=s.export.holdout_size,
             gcv_every_seconds=s.head.gcv_every_seconds, head_label=s.head.kind,
+            retry_backoff_max_s=k.reconnect_backoff_max_ms / 1000,
         )
         refetch = KafkaRefetcher(k.bootstrap_servers, k.topic, security)
         self._closers.append(refetch)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from learner.heads.base import Head
@@ -64,6 +65,7 @@ class LoopOptions:
     holdout_size: int
     gcv_every_seconds: float
     head_label: str
+    retry_backoff_max_s: float = 5.0
 
 
 class LearnLoop:
@@ -90,6 +92,8 @@ class LearnLoop:
         self._pending_since: float | None = None
         self._last_export = self._last_snapshot = self._last_log = self._last_gcv = time.monotonic()
         self._exporting: Future[tuple[_ExportJob, ExportResult]] | None = None
+        self._outage_backoff = 0.0
+        self._last_outage_log = 0.0
         self.exports_paused = False  # set by a rollback: keep serving it until an explicit export
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
         self._calibration_rng = np.random.default_rng(0)
@@ -127,7 +131,12 @@ class LearnLoop:
     def step(self) -> None:
         """One poll-learn-maybe-export-maybe-snapshot cycle."""
         self.alive.set()
-        polled = self.consumer.poll(timeout_ms=self.opt.poll_timeout_ms, max_records=self.opt.batch_max_events)
+        try:
+            polled = self.consumer.poll(timeout_ms=self.opt.poll_timeout_ms, max_records=self.opt.batch_max_events)
+        except KafkaError as exc:
+            self._broker_trouble(exc)
+            return
+        self._outage_backoff = 0.0
         now = time.time()
         events: list[Record] = []
         for tp, msgs in polled.items():
@@ -143,6 +152,17 @@ class LearnLoop:
         self._maybe_export()
         self._maybe_snapshot()
         self._maybe_log()
+
+    def _broker_trouble(self, exc: Exception) -> None:
+        """The broker is unreachable: report it, keep serving and answering admin calls, back off."""
+        metrics.BROKER_UP.set(0)
+        now = time.monotonic()
+        if now - self._last_outage_log > self.opt.log_every_seconds:
+            self._last_outage_log = now
+            log.warning("Kafka unreachable (%s); predictions go on, retrying with backoff", exc)
+        self._run_tasks()
+        self._outage_backoff = min(max(2 * self._outage_backoff, 0.1), self.opt.retry_backoff_max_s)
+        time.sleep(self._outage_backoff)
 
     # -- learning ----------------------------------------------------------------------------
     def _learn(self, records: list[Record]) -> None:
@@ -416,6 +436,6 @@ class _Rebalance(ConsumerRebalanceListener):
 def _broker_up(consumer: KafkaConsumer) -> bool:
     """Whether the consumer holds a live connection to any broker (kafka-python 3 keeps them private)."""
     try:
-        return bool(consumer._manager.least_used_connections())  # noqa: SLF001
+        return bool(consumer._manager.least_used_connections())
     except Exception:
         return False

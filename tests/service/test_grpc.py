@@ -11,7 +11,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from tests.service.grpc_fixtures import CLASSES, D, RegistryAdmin, make_readout, model_bytes, running_server, served
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -22,6 +21,7 @@ from service.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 from service.predict_client import predict, rollback
 from service.registry import ModelRegistry
 from service.served_model import ModelSlot, load_served_model
+from tests.service.grpc_fixtures import CLASSES, D, RegistryAdmin, make_readout, model_bytes, running_server, served
 
 X = np.random.default_rng(1).normal(size=(4, D)).astype(np.float32)
 
@@ -294,7 +294,7 @@ def test_tls_serves_over_a_certificate(slot: ModelSlot, tmp_path: Path) -> None:
 
 
 def test_predict_text_with_the_real_backbone() -> None:
-    from grpc_fixtures import real_backbone, text_model
+    from tests.service.grpc_fixtures import real_backbone, text_model
 
     slot = ModelSlot()
     slot.swap(text_model(1, real_backbone()))

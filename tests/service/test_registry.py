@@ -8,11 +8,11 @@ from pathlib import Path
 
 import onnx
 import pytest
-from tests.service.grpc_fixtures import model_bytes
 
 from service.errors import ModelError
 from service.registry import MANIFEST, ModelRegistry, model_file_name
 from service.served_model import load_served_model
+from tests.service.grpc_fixtures import model_bytes
 
 
 def _publish(registry: ModelRegistry, seed: int = 0) -> int:

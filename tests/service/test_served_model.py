@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.service.grpc_fixtures import CLASSES, D, make_readout, model_bytes, served
 
 from service import metrics
 from service.errors import ModelError
 from service.registry import ModelRegistry
 from service.served_model import ModelSlot, RegistryFollower, load_served_model
+from tests.service.grpc_fixtures import CLASSES, D, make_readout, model_bytes, served
 
 
 class FakeBackbone:
