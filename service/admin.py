@@ -47,7 +47,14 @@ class DaemonAdmin:
         """Forget events by id and/or a whole label, then export."""
         loop = self._loop()
         request = ForgetRequest(tuple(ids), label)
-        result = await asyncio.wrap_future(loop.submit(lambda: loop.forget(request)))
+
+        def forget_durably() -> dict[str, Any]:
+            # Unlike the control topic, nothing in Kafka replays this request: snapshot before replying.
+            outcome = loop.forget(request)
+            loop.snapshot("forget")
+            return dict(outcome)
+
+        result = await asyncio.wrap_future(loop.submit(forget_durably))
         await asyncio.wrap_future(loop.submit(loop.export_now))
         return dict(result)
 

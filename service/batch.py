@@ -102,6 +102,7 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
     state.counters.learned += out.learned
     state.counters.duplicates += out.duplicates
     state.counters.dead_lettered += len(out.dead_letters)
+    state.counters.forgotten_skipped += out.skipped_forgotten
     return out
 
 

@@ -121,7 +121,6 @@ class ServingSettings(_Section):
     max_message_bytes: int = Field(4 * 1_048_576, gt=1024)
     max_batch: int = Field(1024, gt=0)
     max_text_chars: int = Field(10_000, gt=0)
-    request_timeout_s: float = Field(5.0, gt=0)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     admin_token: SecretStr | None = None
@@ -209,6 +208,9 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         _TOML_OVERRIDE[0] = None
 
 
+_SECRET_KEYS = frozenset({"sasl_password", "admin_token", "predict_token"})
+
+
 def format_validation_error(exc: ValidationError) -> str:
     """One line per error: ``section.key: got 'value': expectation``."""
     lines = []
@@ -216,6 +218,8 @@ def format_validation_error(exc: ValidationError) -> str:
         key = ".".join(str(p) for p in err["loc"])
         value = err.get("input")
         shown = "<missing>" if err["type"] == "missing" else repr(value)
+        if key.split(".")[-1] in _SECRET_KEYS:
+            shown = "<secret>"  # never echo a secret, even a malformed one
         if isinstance(value, dict):
             shown = "{...}"
         lines.append(f"{key}: got {shown}: {err['msg']}")

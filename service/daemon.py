@@ -221,9 +221,15 @@ class Daemon:
         )
         refetch = KafkaRefetcher(k.bootstrap_servers, k.topic, security)
         self._closers.append(refetch)
-        return LearnLoop(consumer=consumer, dlq=DeadLetterWriter(producer, f"{k.topic}.dlq"), state=state,
+        loop = LearnLoop(consumer=consumer, dlq=DeadLetterWriter(producer, f"{k.topic}.dlq"), state=state,
                          store=store, exporter=exporter, embed=self.backbone.embed, refetch=refetch,
                          options=options, predict=self.predict_served)
+        current = self.registry.current()
+        if current is not None and "rolled_back_from" in self.registry.meta(current):
+            # A rollback outlives restarts: automatic exports stay paused until an explicit export.
+            loop.exports_paused = True
+            log.warning("model v%d is a rollback: automatic exports stay paused until Admin/Export", current)
+        return loop
 
     def predict_served(self, X: np.ndarray) -> tuple[np.ndarray, Sequence[str]]:
         """The served model's probabilities (prequential accuracy is what users would have seen)."""

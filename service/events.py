@@ -77,6 +77,8 @@ def decode(raw: bytes | None, *, dim: int, max_bytes: int) -> Event | Rejection:
         return _decode(raw, dim=dim, max_bytes=max_bytes)
     except _BadEvent as bad:
         return Rejection(bad.reason, bad.detail)
+    except Exception as exc:  # the contract is "never raises": an unforeseen shape is still a bad event
+        return Rejection("bad_type", f"unexpected content: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 def _decode(raw: bytes | None, *, dim: int, max_bytes: int) -> Event:
@@ -135,10 +137,13 @@ def _from_object(obj: dict[str, Any], dim: int, maybe_bools: bool = True) -> Eve
         shown = ", ".join(sorted(str(k)[:50] for k in unknown)[:5])
         raise _BadEvent("unknown_field", f"unknown field(s): {shown}; allowed: {', '.join(sorted(ALLOWED))}")
     event_id, label = obj["id"], obj["label"]
-    if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID_CHARS:
-        raise _BadEvent("bad_id", f"'id' must be a non-empty string of at most {MAX_ID_CHARS} chars")
-    if not isinstance(label, str) or not label.strip() or len(label) > MAX_LABEL_CHARS:
-        raise _BadEvent("bad_label", f"'label' must be a non-empty string of at most {MAX_LABEL_CHARS} chars")
+    if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID_CHARS or not _encodable(event_id):
+        got = f"{len(event_id)} chars" if isinstance(event_id, str) else type(event_id).__name__
+        raise _BadEvent("bad_id", f"'id' must be a non-empty UTF-8 string of at most {MAX_ID_CHARS} chars, got {got}")
+    if not isinstance(label, str) or not label.strip() or len(label) > MAX_LABEL_CHARS or not _encodable(label):
+        got = f"{len(label)} chars" if isinstance(label, str) else type(label).__name__
+        raise _BadEvent("bad_label",
+                        f"'label' must be a non-empty UTF-8 string of at most {MAX_LABEL_CHARS} chars, got {got}")
     has_text, has_features = obj.get("text") is not None, obj.get("features") is not None
     if has_text and has_features:
         raise _BadEvent("text_and_features", "give exactly one of 'text' or 'features', not both")
@@ -148,10 +153,19 @@ def _from_object(obj: dict[str, Any], dim: int, maybe_bools: bool = True) -> Eve
     if "meta" in obj and obj["meta"] is not None and not isinstance(obj["meta"], dict):
         raise _BadEvent("bad_type", f"'meta' must be an object, got {type(obj['meta']).__name__}")
     if has_text:
-        if not isinstance(obj["text"], str) or not obj["text"].strip():
-            raise _BadEvent("bad_type", "'text' must be a non-empty string")
+        if not isinstance(obj["text"], str) or not obj["text"].strip() or not _encodable(obj["text"]):
+            raise _BadEvent("bad_type", "'text' must be a non-empty UTF-8 string")
         return Event(event_id, label, text=obj["text"], ts=ts)
     return Event(event_id, label, features=_features(obj["features"], dim, maybe_bools), ts=ts)
+
+
+def _encodable(text: str) -> bool:
+    """False for strings with lone surrogates (valid JSON escapes, but not UTF-8: unservable as labels)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _timestamp(value: Any) -> float | None:
@@ -173,7 +187,10 @@ def _features(value: Any, dim: int, maybe_bools: bool) -> np.ndarray:
     # Exact types: bool is a subclass of int and must not pass as a number.
     if maybe_bools and not {type(v) for v in value} <= _NUMBER_TYPES:
         raise _BadEvent("bad_type", "'features' must contain only numbers")
-    arr = np.array(value)  # dtype inferred: strings, nulls or nesting give a non-numeric or 2-d array
+    try:
+        arr = np.array(value)  # dtype inferred: strings, nulls or nesting give a non-numeric or 2-d array
+    except (ValueError, TypeError):  # ragged nesting
+        raise _BadEvent("bad_type", "'features' must be a flat array of numbers") from None
     if arr.ndim != 1 or arr.dtype.kind not in "fi":
         raise _BadEvent("bad_type", "'features' must contain only numbers")
     arr = arr.astype(np.float64, copy=False)

@@ -85,8 +85,10 @@ class Exporter:
         published = self.registry.publish(data, meta)
         served = ServedModel.from_session(session, version=published, meta=meta, backbone=self.backbone,
                                           compensation=compensation)
-        self.slot.swap(served)
+        swapped = self.slot.swap(served)
         seconds = time.perf_counter() - start
+        if not swapped:  # a newer model (a rollback, say) got there first; the registry keeps this one
+            return ExportResult(False, published, "a newer model is already served", seconds)
         metrics.EXPORT_SECONDS.observe(seconds)
         return ExportResult(True, published, "", seconds)
 

@@ -72,7 +72,8 @@ def apply_forget(state: LearnerState, request: ForgetRequest, *, refetch: Refetc
         by_label = state.window.ids_with_label(request.label)
         in_head = state.head.counts().get(request.label, 0)
         partial = in_head > len(by_label)
-        wanted.extend(i for i in by_label if i not in set(wanted))
+        already = set(wanted)
+        wanted.extend(i for i in by_label if i not in already)
     located = {i: loc for i in wanted if (loc := state.window.locate(i)) is not None}
     events = _reread(located, refetch, dim, max_event_bytes)
     unknown = len(wanted) - len(events)

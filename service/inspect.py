@@ -33,6 +33,7 @@ def describe_state(checkpoint_dir: Path, *, export_stats: Path | None = None) ->
         "duplicates_skipped": state["counters"]["duplicates"],
         "dead_lettered": state["counters"]["dead_lettered"],
         "forgotten": state["counters"]["forgotten"],
+        "forgotten_skipped": state["counters"].get("forgotten_skipped", 0),
         "forget_unknown_ids": state["counters"]["forget_unknown"],
         "learned_total": state["counters"]["learned"],
         "model_version": state["model_version"],

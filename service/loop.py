@@ -36,6 +36,7 @@ from memory.compensation import Compensator
 from service import metrics
 from service.batch import Embed, Predict, Record, learn_batch, tp_key
 from service.checkpoint import SnapshotStore
+from service.errors import EddyError
 from service.exporter import Exporter, ExportResult
 from service.forget import Refetch, apply_forget, parse_control
 from service.kafka import DeadLetterWriter, subscribe
@@ -93,6 +94,7 @@ class LearnLoop:
         self._last_export = self._last_snapshot = self._last_log = self._last_gcv = time.monotonic()
         self._exporting: Future[tuple[_ExportJob, ExportResult]] | None = None
         self._outage_backoff = 0.0
+        self._revoked = False  # set on kafka-python's IO thread; the snapshot runs on ours
         self._last_outage_log = 0.0
         self.exports_paused = False  # set by a rollback: keep serving it until an explicit export
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
@@ -123,10 +125,13 @@ class LearnLoop:
         try:
             while not stop.is_set():
                 self.step()
-        finally:
-            self._collect_export(wait=True)
-            self._export_pool.shutdown()
-            self.snapshot("shutdown")
+        except BaseException:
+            # No snapshot of a half-applied batch: a restart replays from the last good snapshot.
+            self._export_pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        self._collect_export(wait=True)
+        self._export_pool.shutdown()
+        self.snapshot("shutdown")
 
     def step(self) -> None:
         """One poll-learn-maybe-export-maybe-snapshot cycle."""
@@ -137,6 +142,9 @@ class LearnLoop:
             self._broker_trouble(exc)
             return
         self._outage_backoff = 0.0
+        if self._revoked:
+            self._revoked = False
+            self.snapshot("revoke", commit=False)
         now = time.time()
         events: list[Record] = []
         for tp, msgs in polled.items():
@@ -206,7 +214,14 @@ class LearnLoop:
             self.dlq.send(rec.value, reason="bad_control", detail=request, topic=rec.topic,
                           partition=rec.partition, offset=rec.offset, headers=list(rec.headers))
             return
-        self.forget(request)
+        try:
+            self.forget(request)
+        except (ValueError, EddyError, KafkaError) as exc:
+            # Re-reading and embedding happen before any state changes, so the state is intact.
+            log.error("forget request at %s offset %d failed: %s", key, rec.offset, exc)
+            metrics.DEAD_LETTERS.labels(reason="forget_failed").inc()
+            self.dlq.send(rec.value, reason="forget_failed", detail=str(exc)[:500], topic=rec.topic,
+                          partition=rec.partition, offset=rec.offset, headers=list(rec.headers))
 
     def forget(self, request: Any) -> dict[str, Any]:
         """Apply a forget request now (also used by the admin RPC) and export the result."""
@@ -214,6 +229,7 @@ class LearnLoop:
                               dim=self.opt.dim, max_event_bytes=self.opt.max_event_bytes)
         metrics.EVENTS.labels(result="forgotten").inc(result.forgotten)
         metrics.FORGET_UNKNOWN_IDS.inc(result.unknown)
+        self._since_snapshot += 1
         if result.forgotten:
             self._changed = True
             self._last_export = 0.0
@@ -424,10 +440,11 @@ class _Rebalance(ConsumerRebalanceListener):
         self.loop = loop
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        # kafka-python 3 calls this on its IO thread, where a blocking commit cannot run; the snapshot
-        # alone is what resuming relies on (the committed offsets are only a mirror).
+        # kafka-python 3 calls this on its IO thread, where blocking work stalls heartbeats; the learner
+        # thread snapshots as soon as poll returns. Only this process reads its snapshots, so the
+        # partitions moving meanwhile cannot make anyone resume from a stale state.
         if revoked:
-            self.loop.snapshot("revoke", commit=False)
+            self.loop._revoked = True
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.loop.seek_to_state(list(assigned))

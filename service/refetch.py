@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,8 @@ class KafkaRefetcher:
     def _get(self) -> KafkaConsumer:
         if self._consumer is None:
             self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
-                                           enable_auto_commit=False, **self.security.kwargs())
+                                           enable_auto_commit=False, auto_offset_reset="earliest",
+                                           **self.security.kwargs())
         return self._consumer
 
     def __call__(self, locations: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes | None]:
@@ -32,11 +34,14 @@ class KafkaRefetcher:
             wanted[partition].add(offset)
         consumer = self._get()
         found: dict[tuple[int, int], bytes | None] = {}
+        deadline = time.monotonic() + self.timeout_ms / 1000
         for partition, offsets in wanted.items():
             tp = TopicPartition(self.topic, partition)
             consumer.assign([tp])
+            first = consumer.beginning_offsets([tp]).get(tp, 0)
             for offset in sorted(offsets):
-                if (partition, offset) in found:
+                # Offsets deleted by retention are unknown at once; one overall deadline bounds the rest.
+                if (partition, offset) in found or offset < first or time.monotonic() > deadline:
                     continue
                 consumer.seek(tp, offset)
                 for rec in consumer.poll(timeout_ms=self.timeout_ms, max_records=500).get(tp, []):

@@ -88,15 +88,17 @@ class IdWindow:
                 "label_codes": values[:, 1], "labels": list(self._labels)}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> IdWindow:
-        """Inverse of ``state_dict``."""
-        window = cls(int(state["capacity"]))
+    def from_state_dict(cls, state: dict[str, Any], capacity: int | None = None) -> IdWindow:
+        """Inverse of ``state_dict``; with ``capacity``, the oldest ids beyond it are dropped."""
+        window = cls(int(state["capacity"]) if capacity is None else capacity)
         window._labels = list(state["labels"])
         window._label_codes = {label: i for i, label in enumerate(window._labels)}
         window._items = OrderedDict(
             zip(state["ids"], zip(state["locations"].tolist(), state["label_codes"].tolist(), strict=True),
                 strict=True)
         )
+        while len(window._items) > max(window.capacity, 0):
+            window._items.popitem(last=False)
         return window
 
 
@@ -123,9 +125,9 @@ class Tombstones:
         return {"capacity": self.capacity, "ids": list(self._ids)}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> Tombstones:
-        """Inverse of ``state_dict``."""
-        stones = cls(int(state["capacity"]))
+    def from_state_dict(cls, state: dict[str, Any], capacity: int | None = None) -> Tombstones:
+        """Inverse of ``state_dict``; with ``capacity``, the oldest ids beyond it are dropped."""
+        stones = cls(int(state["capacity"]) if capacity is None else capacity)
         stones.add(state["ids"])
         return stones
 
@@ -139,6 +141,7 @@ class Counters:
     dead_lettered: int = 0
     forgotten: int = 0
     forget_unknown: int = 0
+    forgotten_skipped: int = 0  # events not learned because their id had been forgotten
 
 
 @dataclass
@@ -175,10 +178,11 @@ class LearnerState:
         self.head.load_state_dict(state["head"])
         if self.memory is not None and state.get("memory") is not None:
             self.memory.load_state_dict(state["memory"])
-        self.window = IdWindow.from_state_dict(state["window"])
-        self.tombstones = Tombstones.from_state_dict(state["tombstones"])
+        # The configured capacities win over the snapshot's (a changed dedupe_window takes effect).
+        self.window = IdWindow.from_state_dict(state["window"], capacity=self.window.capacity)
+        self.tombstones = Tombstones.from_state_dict(state["tombstones"], capacity=self.tombstones.capacity)
         self.offsets = {k: int(v) for k, v in state["offsets"].items()}
-        self.counters = Counters(**state["counters"])
+        self.counters = Counters(**{k: int(v) for k, v in state["counters"].items() if k in Counters.__annotations__})
         self.model_version = int(state["model_version"])
         self.backbone_identity = str(state["backbone_identity"])
         if self.errors is not None and state.get("errors") is not None:  # older snapshots have none

@@ -2,6 +2,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.events import REASONS, Event, Rejection, decode, encode, json_schema
 
@@ -111,3 +113,40 @@ def test_bools_elsewhere_do_not_hide_bools_in_features():
 def test_true_in_text_does_not_reject_good_features():
     raw = json.dumps({"id": "a", "label": "true", "features": GOOD_FEATURES, "meta": {"ok": True}}).encode()
     assert isinstance(dec(raw), Event)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"id": "a", "label": "x", "features": [[1], [1, 2], 3, 4]}', "bad_type"),
+        (b'{"id": "a", "label": "\\ud800", "features": [1, 2, 3, 4]}', "bad_label"),
+        (b'{"id": "\\udfff", "label": "x", "text": "t"}', "bad_id"),
+        (b'{"id": "a", "label": "x", "text": "\\ud800 lone"}', "bad_type"),
+    ],
+)
+def test_ragged_features_and_lone_surrogates_are_rejections(raw, reason):
+    got = dec(raw)
+    assert isinstance(got, Rejection) and got.reason == reason, got
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({}, optional={
+    "id": json_values | st.text(), "label": json_values | st.text(), "text": json_values,
+    "features": json_values | st.lists(st.floats(), min_size=4, max_size=4),
+    "ts": json_values, "meta": json_values, "extra": json_values,
+}))
+def test_any_json_object_decodes_to_an_event_or_a_rejection_never_raises(obj):
+    raw = json.dumps(obj).encode()
+    got = dec(raw)
+    assert isinstance(got, Event | Rejection)
+    if isinstance(got, Event):
+        got.label.encode("utf-8")
+        got.id.encode("utf-8")
+        assert got.features is None or (got.features.shape == (DIM,) and np.isfinite(got.features).all())
