@@ -69,7 +69,7 @@ FROM ${PYTHON_IMAGE} AS runtime
 ARG DEVICE=cpu
 LABEL org.opencontainers.image.title="eddy" \
       org.opencontainers.image.description="Streaming continual-learning daemon: Kafka in, ONNX hot-swapped into gRPC." \
-      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.licenses="MIT" \
       io.eddy.device="${DEVICE}"
 
 # uid/gid 10001: non-root, and outside the range of users a host is likely to have.
