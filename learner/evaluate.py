@@ -22,9 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import struct
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +33,7 @@ from tqdm import tqdm
 
 from learner.backbone import Backbone
 from learner.datasets import LabeledData, read_labeled
+from learner.files import atomic_write
 from learner.heads.base import Head
 
 Order = Literal["class-incremental", "random", "given"]
@@ -230,20 +229,7 @@ def embed_cached(texts: Sequence[str], backbone: Backbone, cache_dir: Path, key_
 def _save_atomic(path: Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array)
-    _write_atomic(path, buffer.getvalue())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, buffer.getvalue())
 
 
 def run_eval(train: Path, test: Path | None = None, *, text_col: str = "text", label_col: str = "label",
@@ -302,7 +288,7 @@ def joint_reference_cached(X_train: np.ndarray, y_train: list[str], X_test: np.n
     if path.exists():
         return dict(json.loads(path.read_text()))
     ref = joint_reference(X_train, y_train, X_test, y_test, seed)
-    _write_atomic(path, json.dumps(ref).encode())
+    atomic_write(path, json.dumps(ref).encode())
     return ref
 
 

@@ -17,8 +17,6 @@ strings the caller passes (the service puts classes, model_version, backbone_ide
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from learner.files import atomic_write
 from learner.heads.base import Readout
 
 INPUT_NAME = "features"
@@ -86,19 +85,7 @@ def readout_to_onnx(readout: Readout, *, metadata: dict[str, str]) -> onnx.Model
 
 def write_model(model: onnx.ModelProto, path: Path) -> None:
     """Write ``model`` to ``path`` atomically: a reader sees the old file or the whole new one."""
-    path = Path(path)
-    data = model.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, model.SerializeToString())
 
 
 def load_session(path_or_bytes: Path | str | bytes, *, threads: int = 1) -> tuple[Any, dict[str, str]]:
@@ -169,15 +156,3 @@ def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name)
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform/filesystem.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

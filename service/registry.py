@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 import onnx
 
+from learner.files import atomic_write
 from service.errors import ModelError
 
 MANIFEST = "manifest.json"
@@ -115,12 +115,12 @@ class ModelRegistry:
             version = int(manifest.get("last_version", 0)) + 1
             meta = {**{k: str(v) for k, v in meta.items()}, "model_version": str(version)}
             data = _stamp_version(model_bytes, meta)
-            _atomic_write(self.root / model_file_name(version), data)
+            atomic_write(self.root / model_file_name(version), data)
             manifest["versions"].append({"version": version, "file": model_file_name(version), "meta": meta})
             manifest["last_version"] = version
             manifest["current"] = version
             pruned = self._prune(manifest)
-            _atomic_write(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())
+            atomic_write(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())
             for name in pruned:  # only after the manifest stops naming them
                 (self.root / name).unlink(missing_ok=True)
             return version
@@ -185,16 +185,3 @@ def _stamp_version(model_bytes: bytes, meta: Mapping[str, str]) -> bytes:
     return model.SerializeToString()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old or the new file, durable once this returns."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
