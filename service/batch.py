@@ -62,6 +62,19 @@ class BatchOutcome:
     labels: list[str] = field(default_factory=list)
 
 
+def report(out: BatchOutcome, dlq: Any, seconds: float) -> None:
+    """Send a batch's dead letters to ``dlq`` and count its outcome in the metrics."""
+    for dl in out.dead_letters:
+        dlq.send(dl.record.value, reason=dl.reason, detail=dl.detail, topic=dl.record.topic,
+                 partition=dl.record.partition, offset=dl.record.offset, headers=list(dl.record.headers))
+        metrics.DEAD_LETTERS.labels(reason=dl.reason).inc()
+    metrics.EVENTS.labels(result="learned").inc(out.learned)
+    metrics.EVENTS.labels(result="duplicate").inc(out.duplicates)
+    metrics.EVENTS.labels(result="dead_letter").inc(len(out.dead_letters))
+    metrics.EVENTS.labels(result="forgotten").inc(out.skipped_forgotten)
+    metrics.LEARN_BATCH_SECONDS.observe(seconds)
+
+
 def tp_key(topic: str, partition: int) -> str:
     """The key of a partition in snapshot offsets."""
     return f"{topic}:{partition}"

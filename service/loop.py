@@ -34,7 +34,7 @@ from learner.heads.base import Head
 from learner.heldout import fit_heldout_temperature
 from memory.compensation import Compensator
 from service import metrics
-from service.batch import Embed, Predict, Record, learn_batch, tp_key
+from service.batch import Embed, Predict, Record, learn_batch, report, tp_key
 from service.checkpoint import SnapshotStore
 from service.errors import EddyError
 from service.exporter import Exporter, ExportResult
@@ -177,15 +177,7 @@ class LearnLoop:
         start = time.perf_counter()
         out = learn_batch(self.state, records, embed=self.embed, dim=self.opt.dim,
                           max_event_bytes=self.opt.max_event_bytes, predict=self.predict)
-        for dl in out.dead_letters:
-            self.dlq.send(dl.record.value, reason=dl.reason, detail=dl.detail, topic=dl.record.topic,
-                          partition=dl.record.partition, offset=dl.record.offset, headers=list(dl.record.headers))
-            metrics.DEAD_LETTERS.labels(reason=dl.reason).inc()
-        metrics.EVENTS.labels(result="learned").inc(out.learned)
-        metrics.EVENTS.labels(result="duplicate").inc(out.duplicates)
-        metrics.EVENTS.labels(result="dead_letter").inc(len(out.dead_letters))
-        metrics.EVENTS.labels(result="forgotten").inc(out.skipped_forgotten)
-        metrics.LEARN_BATCH_SECONDS.observe(time.perf_counter() - start)
+        report(out, self.dlq, time.perf_counter() - start)
         self.correct += out.correct
         self.predicted += out.predicted
         if out.X is not None and out.learned:
@@ -380,7 +372,7 @@ class LearnLoop:
             return
         self._last_log = now
         lag = self._update_lag()
-        metrics.BROKER_UP.set(1 if _broker_up(self.consumer) else 0)
+        metrics.BROKER_UP.set(1 if broker_up(self.consumer) else 0)
         if self.predicted:
             metrics.PREQUENTIAL_ACCURACY.labels(head=self.opt.head_label).set(self.correct / self.predicted)
         metrics.CLASSES.set(len(self.state.head.classes_))
@@ -450,7 +442,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.loop.seek_to_state(list(assigned))
 
 
-def _broker_up(consumer: KafkaConsumer) -> bool:
+def broker_up(consumer: KafkaConsumer) -> bool:
     """Whether the consumer holds a live connection to any broker (kafka-python 3 keeps them private)."""
     try:
         return bool(consumer._manager.least_used_connections())

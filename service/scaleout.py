@@ -37,11 +37,12 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from service import metrics
-from service.batch import Embed, Record, learn_batch, tp_key
+from service.batch import Embed, Record, learn_batch, report, tp_key
 from service.checkpoint import pack, unpack
 from service.deltas import DeltaRecord, delta_headers, summarize
 from service.errors import BrokerError
 from service.kafka import DeadLetterWriter, subscribe
+from service.loop import broker_up
 from service.state import LearnerState
 from service.window import RecentRows
 
@@ -141,14 +142,7 @@ class PartitionedLearnLoop:
         start = time.perf_counter()
         out = learn_batch(part.state, records, embed=self.embed, dim=self.opt.dim,
                           max_event_bytes=self.opt.max_event_bytes)
-        for dl in out.dead_letters:
-            self.dlq.send(dl.record.value, reason=dl.reason, detail=dl.detail, topic=dl.record.topic,
-                          partition=dl.record.partition, offset=dl.record.offset, headers=list(dl.record.headers))
-            metrics.DEAD_LETTERS.labels(reason=dl.reason).inc()
-        metrics.EVENTS.labels(result="learned").inc(out.learned)
-        metrics.EVENTS.labels(result="duplicate").inc(out.duplicates)
-        metrics.EVENTS.labels(result="dead_letter").inc(len(out.dead_letters))
-        metrics.LEARN_BATCH_SECONDS.observe(time.perf_counter() - start)
+        report(out, self.dlq, time.perf_counter() - start)
         if out.X is not None and out.learned:
             part.recent.extend(out.X, out.labels)
         part.changed = True  # the offset moved, whatever the records' fate
@@ -298,7 +292,7 @@ class PartitionedLearnLoop:
                 part_lag = max(high - (self.parts[p].next_offset(self.opt.topic) or 0), 0)
                 metrics.CONSUMER_LAG.labels(partition=str(p)).set(part_lag)
                 lag += part_lag
-        metrics.BROKER_UP.set(1 if _broker_up(self.consumer) else 0)
+        metrics.BROKER_UP.set(1 if broker_up(self.consumer) else 0)
         log.info("replica %s: partitions %s  learned %.0f/s  lag %d  published %d", self.opt.replica_id,
                  sorted(self.owned), self._log_learned / dt, lag, self.published)
         self._log_learned = 0
@@ -315,14 +309,6 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.loop.assigned(list(assigned))
-
-
-def _broker_up(consumer: KafkaConsumer) -> bool:
-    """Whether the consumer holds a live connection to any broker (as ``service.loop._broker_up``)."""
-    try:
-        return bool(consumer._manager.least_used_connections())
-    except Exception:
-        return False
 
 
 def replica_id() -> str:
