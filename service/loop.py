@@ -93,6 +93,8 @@ class LearnLoop:
         self._pending_since: float | None = None
         self._last_export = self._last_snapshot = self._last_log = self._last_gcv = time.monotonic()
         self._exporting: Future[tuple[_ExportJob, ExportResult]] | None = None
+        self._export_cost = 0.0  # seconds the last export took
+        self._urgent = False
         self._outage_backoff = 0.0
         self._revoked = False  # set on kafka-python's IO thread; the snapshot runs on ours
         self._last_outage_log = 0.0
@@ -186,7 +188,7 @@ class LearnLoop:
             if self._pending_since is None:
                 self._pending_since = records[0].received_at
         if out.new_classes:
-            self._last_export = 0.0  # a new class is exported as soon as possible
+            self._urgent = True  # a new class is exported as soon as the export budget allows
         self._since_export += len(records)
         self._since_snapshot += len(records)
         for key, n in (("learned", out.learned), ("dead_letter", len(out.dead_letters)),
@@ -224,7 +226,7 @@ class LearnLoop:
         self._since_snapshot += 1
         if result.forgotten:
             self._changed = True
-            self._last_export = 0.0
+            self._urgent = True
             self._pending_since = self._pending_since or time.time()
         return vars(result)
 
@@ -233,10 +235,13 @@ class LearnLoop:
         self._collect_export()
         if self.exporter is None or not self._changed or self._exporting is not None or self.exports_paused:
             return
-        quiet = time.monotonic() - self._last_export < self.opt.export_every_seconds
-        if self._since_export < self.opt.export_every_events and quiet:
+        since = time.monotonic() - self._last_export
+        # Exports share the cores with the backbone and the learner: keep them to a third of the time.
+        if since < 3 * self._export_cost:
             return
-        self._start_export()
+        due = self._since_export >= self.opt.export_every_events or since >= self.opt.export_every_seconds
+        if due or self._urgent:
+            self._start_export()
 
     def _start_export(self) -> None:
         """Hand a frozen copy of the head to the export thread; learning goes on meanwhile.
@@ -255,6 +260,7 @@ class LearnLoop:
                          calibration=self._calibration_sample() if refit else None)
         self._pending_since = None
         self._changed = False
+        self._urgent = False
         self._since_export = 0
         self._last_export = time.monotonic()
         self._exporting = self._export_pool.submit(self._export, job)
@@ -297,6 +303,7 @@ class LearnLoop:
             self._changed = True
             return None
         _adopt_solver_choices(self.state.head, job.head)
+        self._export_cost = result.seconds
         if not result.applied or result.version is None:
             return None
         self.state.model_version = result.version
