@@ -236,11 +236,10 @@ class LearnLoop:
         if self.exporter is None or not self._changed or self._exporting is not None or self.exports_paused:
             return
         since = time.monotonic() - self._last_export
-        # Exports share the cores with the backbone and the learner: keep them to a third of the time.
-        if since < 3 * self._export_cost:
-            return
-        due = self._since_export >= self.opt.export_every_events or since >= self.opt.export_every_seconds
-        if due or self._urgent:
+        # A new class (or a forget) goes out at once: freshness is the promise. Routine exports share
+        # the cores with the backbone and the learner, so they take at most a third of the time.
+        routine = self._since_export >= self.opt.export_every_events or since >= self.opt.export_every_seconds
+        if self._urgent or (routine and since >= 3 * self._export_cost):
             self._start_export()
 
     def _start_export(self) -> None:
