@@ -22,7 +22,7 @@ tools:
 	@bash deploy/install-tools.sh
 
 ## demo: broker, daemon, a producer replaying BBC News, predictions over gRPC, metrics.
-demo: install
+demo: install tools
 	$(VENV)/bin/eddy demo
 
 ## test: every test, against a real Kafka broker the tests start themselves.

@@ -199,6 +199,12 @@ class Daemon:
         if restored is not None:
             restore_state(state, restored, s.head.kind, head_params(s.head))  # rebuilds a head whose settings changed
             log.info("restored snapshot: %d events learned, offsets %s", state.counters.learned, state.offsets)
+            if state.backbone_identity != self.backbone.identity:
+                # Text statistics from two encoders do not mix; feature-only streams are unaffected.
+                log.warning("snapshot was learned with backbone %s, this process runs %s: text events now "
+                            "embed differently from those already learned", state.backbone_identity,
+                            self.backbone.identity)
+                state.backbone_identity = self.backbone.identity
         consumer = make_consumer(k.bootstrap_servers, group_id=k.group_id, topics=None, security=security,
                                  session_timeout_ms=k.session_timeout_ms,
                                  heartbeat_interval_ms=k.heartbeat_interval_ms,

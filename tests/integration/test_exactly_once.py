@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from service.broker import LocalKafka, free_port
+from service.broker import LocalKafka, port_in_use
 from service.predict_client import predict
 from tests.helpers import wait_for
 from tests.integration.daemon import REPO, daemon_env, start_daemon
@@ -96,7 +96,8 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(kafka_bootstrap,
 
 @pytest.mark.slow
 def test_broker_restart_mid_stream(tmp_path):
-    kafka = LocalKafka(port=free_port(), data_dir=tmp_path / "kafka", lib_dir=REPO / ".eddy" / "kafka" / "lib")
+    kafka = LocalKafka(port=port_outside_ephemeral_range(), data_dir=tmp_path / "kafka",
+                       lib_dir=REPO / ".eddy" / "kafka" / "lib")
     bootstrap = kafka.start(timeout=120)
     topic = "restart-topic"
     events = feature_events(6_000, 6, seed=5)
@@ -143,6 +144,20 @@ def test_broker_restart_mid_stream(tmp_path):
     assert state["events_learned"] == 6_000
     assert state["per_class_counts"] == dict(sorted(collections.Counter(lbl for _, lbl, _ in events).items()))
     assert_statistics_equal(export_stats(env, tmp_path / "s.npz"), reference_statistics(values))
+
+
+def port_outside_ephemeral_range() -> int:
+    """A free port (and the next one, for the controller) below Linux's ephemeral range.
+
+    While the broker is down the daemon keeps connecting to its port; an ephemeral source port can
+    then equal the target port (a TCP self-connect) and hold it, so the restart could not bind.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 30_000)
+        if not port_in_use(port) and not port_in_use(port + 1):
+            return port
+    raise AssertionError("no free port pair found below 30000")
 
 
 def hostile_messages(n: int, seed: int = 0) -> list[tuple[str, bytes]]:
