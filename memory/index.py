@@ -95,7 +95,7 @@ class VectorIndex:
     """One FAISS index of a fixed kind, dimension and metric over caller-assigned int64 ids."""
 
     def __init__(self, dim: int, kind: IndexKind = "flat", metric: Metric = "ip", *, nlist: int | None = None,
-                 nprobe: int = 32, hnsw_m: int = 16, ef_construction: int = 40, ef_search: int = 64,
+                 nprobe: int = 16, hnsw_m: int = 16, ef_construction: int = 40, ef_search: int = 64,
                  use_gpu: UseGpu = "auto", rebuild_fraction: float = 0.2) -> None:
         if kind not in KINDS:
             raise ValueError(f"index must be one of {KINDS}, got {kind!r}")

@@ -89,7 +89,7 @@ class ReplayMemory:
 
     def __init__(self, dim: int, *, index: IndexKind = "flat", metric: Metric = "ip",
                  max_items: int | None = 20_000, max_bytes: int | None = None, recency_weight: float = 0.0,
-                 seed: int = 0, use_gpu: UseGpu = "auto", nlist: int | None = None, nprobe: int = 32,
+                 seed: int = 0, use_gpu: UseGpu = "auto", nlist: int | None = None, nprobe: int = 16,
                  hnsw_m: int = 16, ef_construction: int = 40, ef_search: int = 64,
                  auto_rebuild: bool = True) -> None:
         if not 0.0 <= recency_weight <= 1.0:
