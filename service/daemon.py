@@ -17,13 +17,20 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service import metrics
-from service.config import HeadSettings, Settings
+from service.config import HeadSettings, KafkaSettings, Settings
 from service.lazy import LazyBackbone
+
+if TYPE_CHECKING:
+    import grpc
+
+    from memory import ErrorMemory, ReplayMemory
+    from service.http import HealthReport
+    from service.kafka import ClientSecurity
 
 log = logging.getLogger("eddy")
 
@@ -87,7 +94,7 @@ class Daemon:
         self.backbone = LazyBackbone(settings.backbone)
         self.registry = ModelRegistry(Path(settings.export.registry_dir), keep=settings.export.keep)
         self.slot = ModelSlot()
-        self.loop: Any = None
+        self.loop: Any = None  # LearnLoop, PartitionedLearnLoop or Merger: each has run(stop) and alive
         self.crashed = False
         self._closers: list[Any] = []
         metrics.BUILD_INFO.info({"version": _version(), "role": role, "head": settings.head.kind,
@@ -134,7 +141,7 @@ class Daemon:
         except Exception as exc:
             log.warning("could not load model v%d from the registry: %s", version, exc)
 
-    async def _start_grpc(self) -> Any:
+    async def _start_grpc(self) -> grpc.aio.Server:
         from service.admin import DaemonAdmin
         from service.grpc.server import start_server
 
@@ -245,7 +252,7 @@ class Daemon:
         return model.predict_features(X), model.classes
 
     # -- health --------------------------------------------------------------------------------
-    def health(self) -> Any:
+    def health(self) -> HealthReport:
         """Liveness and readiness for /healthz and /readyz (rule: ``service.http.assess``)."""
         from service.http import assess
 
@@ -270,7 +277,7 @@ class Daemon:
                 log.debug("close %r: %s", thing, exc)
 
 
-def build_memory(s: Settings) -> Any:
+def build_memory(s: Settings) -> ReplayMemory | None:
     """The replay memory, or None when its capacity is zero."""
     from memory import ReplayMemory
 
@@ -281,14 +288,14 @@ def build_memory(s: Settings) -> Any:
                         recency_weight=m.recency_weight, seed=s.head.seed, use_gpu=m.use_gpu)
 
 
-def build_error_memory(s: Settings) -> Any:
+def build_error_memory(s: Settings) -> ErrorMemory | None:
     """The error-compensation memory (``memory.error_compensation``), or None when it is off."""
     from memory.compensation import DEFAULT_CAPACITY, ErrorMemory
 
     return ErrorMemory(DEFAULT_CAPACITY, s.backbone.dim) if s.memory.error_compensation else None
 
 
-def security_from(k: Any) -> Any:
+def security_from(k: KafkaSettings) -> ClientSecurity:
     """Kafka client security settings as plain values."""
     from service.kafka import ClientSecurity
 
