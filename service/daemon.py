@@ -27,6 +27,7 @@ from service.lazy import LazyBackbone
 
 if TYPE_CHECKING:
     import grpc
+    from kafka import KafkaConsumer
 
     from memory import ErrorMemory, ReplayMemory
     from service.http import HealthReport
@@ -189,7 +190,7 @@ class Daemon:
             return build_scale_out_learner(self)
         from service.checkpoint import SnapshotStore
         from service.exporter import Exporter
-        from service.kafka import DeadLetterWriter, ensure_topics, make_consumer, make_producer
+        from service.kafka import DeadLetterWriter, ensure_topics, make_producer
         from service.loop import LearnLoop, LoopOptions
         from service.rebuild import restore_state
         from service.refetch import KafkaRefetcher
@@ -212,11 +213,7 @@ class Daemon:
                             "embed differently from those already learned", state.backbone_identity,
                             self.backbone.identity)
                 state.backbone_identity = self.backbone.identity
-        consumer = make_consumer(k.bootstrap_servers, group_id=k.group_id, topics=None, security=security,
-                                 session_timeout_ms=k.session_timeout_ms,
-                                 heartbeat_interval_ms=k.heartbeat_interval_ms,
-                                 max_poll_records=k.batch_max_events, auto_offset_reset=k.auto_offset_reset,
-                                 client_id="eddy-learner", reconnect_backoff_max_ms=k.reconnect_backoff_max_ms)
+        consumer = group_consumer(k, security, client_id="eddy-learner")
         producer = make_producer(k.bootstrap_servers, security=security)
         self._closers.extend([consumer, producer])
         exporter = Exporter(registry=self.registry, slot=self.slot, backbone=self.backbone,
@@ -304,6 +301,16 @@ def security_from(k: KafkaSettings) -> ClientSecurity:
         sasl_password=_secret(k.sasl_password), ssl_cafile=k.ssl_cafile, ssl_certfile=k.ssl_certfile,
         ssl_keyfile=k.ssl_keyfile,
     )
+
+
+def group_consumer(k: KafkaSettings, security: ClientSecurity, *, client_id: str) -> KafkaConsumer:
+    """A consumer in the configured group, with the configured timeouts and batch size (no subscription)."""
+    from service.kafka import make_consumer
+
+    return make_consumer(k.bootstrap_servers, group_id=k.group_id, topics=None, security=security,
+                         session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
+                         max_poll_records=k.batch_max_events, auto_offset_reset=k.auto_offset_reset,
+                         client_id=client_id, reconnect_backoff_max_ms=k.reconnect_backoff_max_ms)
 
 
 def _secret(value: Any) -> str | None:

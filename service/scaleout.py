@@ -318,9 +318,9 @@ def replica_id() -> str:
 
 def build_scale_out_learner(daemon: Any) -> PartitionedLearnLoop:
     """The replica loop with its consumer, producer, dead-letter writer and state factory."""
-    from service.daemon import head_params, security_from
+    from service.daemon import group_consumer, head_params, security_from
     from service.deltas import ensure_deltas_topic, read_latest
-    from service.kafka import ensure_topics, make_consumer, make_producer
+    from service.kafka import ensure_topics, make_producer
     from service.state import new_state
 
     s, k = daemon.s, daemon.s.kafka
@@ -329,10 +329,7 @@ def build_scale_out_learner(daemon: Any) -> PartitionedLearnLoop:
     ensure_topics(k.bootstrap_servers, {f"{k.topic}.dlq": 1}, security=security, compacted={f"{k.topic}.dlq"})
     ensure_deltas_topic(k.bootstrap_servers, k.deltas_topic, max_bytes=k.deltas_max_bytes, security=security)
     rid = replica_id()
-    consumer = make_consumer(k.bootstrap_servers, group_id=k.group_id, topics=None, security=security,
-                             session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
-                             max_poll_records=k.batch_max_events, auto_offset_reset=k.auto_offset_reset,
-                             client_id=f"eddy-learner-{rid}", reconnect_backoff_max_ms=k.reconnect_backoff_max_ms)
+    consumer = group_consumer(k, security, client_id=f"eddy-learner-{rid}")
     producer = make_producer(k.bootstrap_servers, security=security, max_request_size=k.deltas_max_bytes)
     daemon._closers.extend([consumer, producer])
     params = head_params(s.head)
