@@ -81,6 +81,24 @@ def model_identity(name: str, directory: Path) -> str:
     return f"{name}@{digest.hexdigest()[:12]}"
 
 
+def onnx_cache_path(identity: str, cache_dir: Path) -> Path:
+    """Where the ONNX export of the backbone ``identity`` is cached."""
+    return Path(cache_dir) / f"backbone-{identity}.onnx"
+
+
+def export_onnx(name: str, cache_dir: Path) -> Path:
+    """Export and cache ``name``'s ONNX graph unless it is cached already; return its path.
+
+    Imports torch (seconds, hundreds of MB): long-lived processes run this in a child process.
+    """
+    directory = model_dir(name)
+    path = onnx_cache_path(model_identity(name, directory), cache_dir)
+    with _EXPORT_LOCK:
+        if not path.exists():
+            _export_onnx(directory, path, _load_tokenizer(directory, _MAX_POSITIONS))
+    return path
+
+
 def load_backbone(name: str = "all-MiniLM-L6-v2", *, runtime: Literal["onnx", "torch"] = "onnx",
                   max_tokens: int = 128, batch_size: int = 64, threads: int = 0,
                   cache_dir: Path = Path(".eddy/cache")) -> Backbone:
@@ -101,7 +119,7 @@ def load_backbone(name: str = "all-MiniLM-L6-v2", *, runtime: Literal["onnx", "t
     dim = int(json.loads((directory / "config.json").read_text())["hidden_size"])
     tokenizer = _load_tokenizer(directory, max_tokens)
     if runtime == "onnx":
-        path = Path(cache_dir) / f"backbone-{identity}.onnx"
+        path = onnx_cache_path(identity, cache_dir)
         with _EXPORT_LOCK:
             if not path.exists():
                 _export_onnx(directory, path, tokenizer)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from service import metrics
+from service.errors import BackboneUnavailable
 from service.events import Event, decode
 from service.state import LearnerState
 
@@ -87,16 +88,18 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
     ``embed`` turns texts into ``(n, dim)`` float32 rows (None: text events are dead-lettered).
     ``predict``, if given, scores the events before they are learned (prequential accuracy); its
     mistakes go to ``state.errors`` when the state has an error memory.
-    Never raises for a bad record.
+    Never raises for a bad record. Raises ``BackboneUnavailable`` (from ``embed``) before changing
+    ``state``, so the caller can stop without counting the batch.
     """
     out = BatchOutcome()
     events: list[tuple[Record, Event]] = []
     batch_ids: set[str] = set()
+    offsets: dict[str, int] = {}
     for rec in records:
         key = tp_key(rec.topic, rec.partition)
         if rec.offset < state.offsets.get(key, 0):
             continue  # already covered by the restored state
-        state.offsets[key] = rec.offset + 1
+        offsets[key] = rec.offset + 1
         decoded = decode(rec.value, dim=dim, max_bytes=max_event_bytes)
         if not isinstance(decoded, Event):
             out.dead_letters.append(DeadLetter(rec, decoded.reason, decoded.detail))
@@ -109,7 +112,8 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
             continue
         batch_ids.add(decoded.id)
         events.append((rec, decoded))
-    X, kept = _features(events, embed, dim, out)
+    X, kept = _features(events, embed, dim, out)  # may raise BackboneUnavailable: the state is untouched
+    state.offsets.update(offsets)
     if kept:
         _learn(state, X, kept, out, predict)
     state.counters.learned += out.learned
@@ -145,6 +149,8 @@ def _embed_isolating(texts: list[str], embed: Embed | None, dim: int) -> list[np
         rows = list(_checked(embed(texts), len(texts), dim))
         metrics.EMBED_SECONDS.observe(time.perf_counter() - start)
         return rows
+    except BackboneUnavailable:
+        raise  # no text is at fault: dead-lettering them would lose good events
     except Exception as exc:  # the encoder is foreign code: isolate the offending text
         log.warning("batch embedding failed (%s); retrying %d texts one by one", exc, len(texts))
     result: list[np.ndarray | str] = []

@@ -123,6 +123,7 @@ class Daemon:
         while not stop.is_set() and all(t.is_alive() for t in threads):
             await asyncio.sleep(0.2)
         stop.set()
+        self.backbone.close()  # an export still running would hold the learner for minutes
         for t in threads:
             await asyncio.get_running_loop().run_in_executor(None, t.join, 60)
         if server is not None:

@@ -21,5 +21,12 @@ class ModelError(EddyError):
     """A model could not be built, exported, validated or found."""
 
 
+class BackboneUnavailable(ModelError):
+    """The backbone cannot embed right now (it failed to load, or the process is stopping).
+
+    Not the event's fault: learners stop without counting the batch, so a restart learns it.
+    """
+
+
 class CheckpointError(EddyError):
     """No usable snapshot could be read or written."""

@@ -36,7 +36,7 @@ from memory.compensation import Compensator
 from service import metrics
 from service.batch import Embed, Predict, Record, learn_batch, report, tp_key
 from service.checkpoint import SnapshotStore
-from service.errors import EddyError
+from service.errors import BackboneUnavailable, EddyError
 from service.exporter import Exporter, ExportResult
 from service.forget import Refetch, apply_forget, parse_control
 from service.kafka import DeadLetterWriter, subscribe
@@ -126,7 +126,14 @@ class LearnLoop:
         subscribe(self.consumer, [self.opt.topic, self.opt.control_topic], listener=_Rebalance(self))
         try:
             while not stop.is_set():
-                self.step()
+                try:
+                    self.step()
+                except BackboneUnavailable:
+                    if not stop.is_set():
+                        raise
+                    # Stopping before the backbone loaded: the batch changed nothing, the next
+                    # process learns it from the snapshot's offsets.
+                    log.info("stopping before the backbone loaded; unlearned events are replayed on restart")
         except BaseException:
             # No snapshot of a half-applied batch: a restart replays from the last good snapshot.
             self._export_pool.shutdown(wait=False, cancel_futures=True)
@@ -210,6 +217,9 @@ class LearnLoop:
             return
         try:
             self.forget(request)
+        except BackboneUnavailable:
+            self.state.offsets[key] = rec.offset  # not applied: whoever runs next applies it
+            raise
         except (ValueError, EddyError, KafkaError) as exc:
             # Re-reading and embedding happen before any state changes, so the state is intact.
             log.error("forget request at %s offset %d failed: %s", key, rec.offset, exc)

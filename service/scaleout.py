@@ -40,7 +40,7 @@ from service import metrics
 from service.batch import Embed, Record, learn_batch, report, tp_key
 from service.checkpoint import pack, unpack
 from service.deltas import DeltaRecord, delta_headers, summarize
-from service.errors import BrokerError
+from service.errors import BackboneUnavailable, BrokerError
 from service.kafka import DeadLetterWriter, subscribe
 from service.loop import broker_up
 from service.state import LearnerState
@@ -117,11 +117,14 @@ class PartitionedLearnLoop:
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, then publish what changed and return."""
         subscribe(self.consumer, [self.opt.topic], listener=_Rebalance(self))
-        try:
-            while not stop.is_set():
+        while not stop.is_set():
+            try:
                 self.step()
-        finally:
-            self.publish("shutdown")
+            except BackboneUnavailable:
+                if not stop.is_set():
+                    raise  # nothing published: the merger keeps the last consistent delta
+                log.info("stopping before the backbone loaded; unlearned events are replayed on restart")
+        self.publish("shutdown")
 
     def step(self) -> None:
         """One poll-learn-maybe-publish cycle."""

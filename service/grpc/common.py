@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from service.errors import ModelError
+from service.errors import BackboneUnavailable, ModelError
 from service.metrics import PREDICT_SECONDS, REQUESTS
 from service.served_model import ModelSlot, ServedModel
 
@@ -107,6 +107,8 @@ class Predictor:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(None, model.predict_texts, list(texts))
+        except BackboneUnavailable as exc:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         except (ValueError, ModelError) as exc:
             raise invalid(str(exc)) from None
 

@@ -64,6 +64,7 @@ class DaemonProc:
         raise AssertionError(f"timed out waiting on {name} (last {value}):\n{self.log()[-4000:]}")
 
     def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, wait, return the exit code; a non-zero one prints the log's tail for the report."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -71,7 +72,10 @@ class DaemonProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        return int(self.proc.returncode)
+        code = int(self.proc.returncode)
+        if code != 0:
+            print(f"daemon exited with {code}; its log ends:\n{self.log()[-6000:]}")
+        return code
 
     def kill(self) -> None:
         if self.proc.poll() is None:

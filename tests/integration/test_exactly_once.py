@@ -16,6 +16,7 @@ import pytest
 from kafka import KafkaProducer
 
 from service.broker import LocalKafka, port_in_use
+from service.events import encode
 from service.predict_client import predict
 from tests.helpers import wait_for
 from tests.integration.daemon import REPO, daemon_env, start_daemon
@@ -252,3 +253,41 @@ def test_forget_ids_and_a_label_equals_never_seen(kafka_bootstrap, topic_name, t
     state = daemon.state()
     assert forgotten_label not in state["per_class_counts"]
     assert state["forgotten"] == len(gone)
+
+
+def export_children(cache_dir: Path) -> list[int]:
+    """PIDs of live ``python -m service.lazy`` export processes writing into ``cache_dir``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"service.lazy" in cmdline and str(cache_dir).encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_stop_while_the_backbone_exports_exits_cleanly_and_loses_nothing(kafka_bootstrap, topic_name, tmp_path):
+    """A fresh machine exports the backbone for a minute; a stop meanwhile must not crash or drop text."""
+    texts = [encode(f"t-{i}", f"topic-{i % 3}", text=f"sentence number {i} about topic {i % 3}")
+             for i in range(30)]
+    produce(kafka_bootstrap, topic_name, texts + [v for _, _, v in feature_events(40, 3, seed=9)])
+    cold = tmp_path / "cold-cache"
+    env = daemon_env(tmp_path, kafka_bootstrap, topic_name, EDDY_BACKBONE__CACHE_DIR=str(cold))
+    daemon = start_daemon(tmp_path, env, name="cold")
+    wait_for(lambda: export_children(cold), timeout=60, message="the export child started")
+    wait_for(lambda: "waiting for the backbone" in daemon.log(), timeout=60, message="the learner waits on it")
+    assert daemon.stop() == 0
+    assert "stopping before the backbone loaded" in daemon.log()
+    wait_for(lambda: not export_children(cold), timeout=15, message="the export child is gone")
+    assert not list(cold.glob("*.tmp")), "the killed export left a temporary file"
+    assert daemon.state()["events_learned"] == 0  # the batch mixed text and features: none counted
+
+    warm = start_daemon(tmp_path, daemon_env(tmp_path, kafka_bootstrap, topic_name), name="warm")
+    try:
+        warm.wait_metric('eddy_events_total{result="learned"}', lambda v: v >= 70, timeout=120)
+    finally:
+        assert warm.stop() == 0
+    state = warm.state()
+    assert state["events_learned"] == 70 and state["dead_lettered"] == 0

@@ -1,11 +1,13 @@
 """Crash and resume as an ordinary unit test: snapshot, lose everything after it, replay, compare."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.batch import Record, learn_batch
 from service.checkpoint import pack, unpack
+from service.errors import BackboneUnavailable
 from service.events import encode
 from service.state import new_state
 
@@ -73,3 +75,23 @@ def test_bad_records_become_dead_letters_and_still_advance_offsets():
     assert state.offsets == {"t:0": 29, "t:1": 30}  # next offsets: records 0..29 alternate partitions
     assert state.counters.duplicates == 3  # records 5, 16 and 27 repeat the previous id
     assert state.counters.learned == 30 - 4 - 3
+
+
+def test_a_backbone_that_cannot_load_leaves_the_state_untouched():
+    """Stopping mid-export must not advance offsets past text it never learned (nor dead-letter it)."""
+    def unavailable(texts):
+        raise BackboneUnavailable("the backbone was not loaded before shutdown")
+
+    state = fresh()
+    run(state, records(20), 20)
+    before = pack(state.state_dict())
+    batch = [Record("t", 0, 100, encode("txt-1", "c1", text="hello")),
+             Record("t", 1, 101, encode("f-1", "c2", features=np.ones(DIM)))]
+    with pytest.raises(BackboneUnavailable):
+        learn_batch(state, batch, embed=unavailable, dim=DIM, max_event_bytes=10_000)
+    assert pack(state.state_dict()) == before
+    # A text the encoder rejects is still the text's fault: dead-lettered, the batch goes on.
+    out = learn_batch(state, batch, embed=lambda texts: (_ for _ in ()).throw(ValueError("bad")), dim=DIM,
+                      max_event_bytes=10_000)
+    assert [d.reason for d in out.dead_letters] == ["embed_failed"] and out.learned == 1
+    assert state.offsets["t:0"] == 101 and state.offsets["t:1"] == 102
