@@ -27,7 +27,7 @@ DEFINITIONS = {
     "ridge_vs_river_learn_ratio": "eddy ridge M=2048 (default head) learn events/s on 384-d features / "
                                   "fastest accurate River learner's learn_one events/s (medians, alternating rounds)",
     "text_e2e_vs_backbone_ratio": "daemon text events/s through Kafka (first learned batch -> last) / bare "
-                                  "backbone sentences/s on the same texts in batches of 64",
+                                  "backbone sentences/s on the same texts in the daemon's calls of 512",
     "features_e2e_vs_consume_ratio": "daemon feature events/s through Kafka / bare kafka-python consume "
                                      "messages/s of the same topic",
     "banking77_*_final_accuracy": "test accuracy after streaming, class-incremental order, mean over seeds; "
@@ -199,9 +199,10 @@ def _throughput(doc: dict[str, Any]) -> list[str]:
         d = text["daemon"]
         out.append(f"\nText end to end: {text['events']} banking77 texts; daemon {_fmt(d['events_per_s'], 1)} "
                    f"events/s (after its first batch of {_fmt(d['first_batch_events'], 0)}; start-up to first "
-                   f"learned {_fmt(d['startup_to_first_learned_s'], 1)} s) vs bare backbone "
-                   f"{', '.join(_fmt(v, 1) for v in text['backbone_sentences_per_s'])} sentences/s (before, after)"
-                   f"; bare backbone in calls of 512: {_fmt(text.get('backbone_calls_of_512_sentences_per_s'), 1)}. "
+                   f"learned {_fmt(d['startup_to_first_learned_s'], 1)} s) vs bare backbone in the daemon's "
+                   f"calls of 512: {', '.join(_fmt(v, 1) for v in text['backbone_calls_of_512_sentences_per_s'])} "
+                   f"sentences/s (before, after); in calls of 64: "
+                   f"{_fmt(text.get('backbone_calls_of_64_sentences_per_s'), 1)}. "
                    f"Daemon RSS {d['daemon_rss_bytes'] / 2**20:.0f} MiB.")
     feats = doc.get("features")
     if feats:

@@ -67,9 +67,9 @@ class LazyBackbone:
             return self._backbone
 
     def _export_in_child(self, name: str, cache_dir: Path) -> None:
-        from learner.backbone import model_dir, model_identity, onnx_cache_path
+        from learner.backbone import onnx_cache_path
 
-        if onnx_cache_path(model_identity(name, model_dir(name)), cache_dir).exists():
+        if onnx_cache_path(self.identity, cache_dir).exists():  # identity: hashed once, at start
             return
         log.info("exporting backbone %s to ONNX in %s (once per machine; tens of seconds)", name, cache_dir)
         self._child = subprocess.Popen([sys.executable, "-m", "service.lazy", name, str(cache_dir)],

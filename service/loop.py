@@ -4,7 +4,8 @@ One thread owns the learner. Its cycle::
 
     poll -> learn_batch (bad events -> dead-letter topic) -> forget requests
          -> every N events / T seconds, if changed: export -> gates -> swap
-         -> every N events / T seconds: flush dead letters -> snapshot -> commit offsets (mirror)
+         -> every N events / T seconds: flush dead letters -> capture the state (copies)
+            -> write it durably (snapshot thread) -> commit its offsets (mirror)
 
 Offsets move to Kafka only after a snapshot covers them; on start and on every partition
 assignment the consumer seeks to the snapshot's offsets. A crash therefore replays exactly the
@@ -45,6 +46,8 @@ from service.window import RecentRows
 
 log = logging.getLogger(__name__)
 
+EXPORT_SHARE = 1 / 3  # of wall time, at most, spent on routine exports (caught up)
+BACKLOG_EXPORT_SHARE = 1 / 10  # the same while the consumer works off a backlog
 CALIBRATION_SAMPLE = 1024  # memory items the temperature is fitted on (bench/calibration.py)
 
 
@@ -92,14 +95,20 @@ class LearnLoop:
         self._changed = False
         self._pending_since: float | None = None
         self._last_export = self._last_snapshot = self._last_log = self._last_gcv = time.monotonic()
-        self._exporting: Future[tuple[_ExportJob, ExportResult]] | None = None
-        self._export_cost = 0.0  # seconds the last export took
+        self._exporting: Future[tuple[_ExportJob, ExportResult, float]] | None = None
+        self._export_cost = 0.0  # seconds the last export job took (solve, refit, gates, swap)
+        self._backlog = False  # the last poll filled a whole batch: more is waiting
         self._urgent = False
         self._outage_backoff = 0.0
         self._revoked = False  # set on kafka-python's IO thread; the snapshot runs on ours
         self._last_outage_log = 0.0
         self.exports_paused = False  # set by a rollback: keep serving it until an explicit export
         self._export_pool = ThreadPoolExecutor(1, thread_name_prefix="export")
+        # Snapshots are captured here (copies) and written there: the learner does not wait on
+        # serialising, hashing and fsyncing ~100 MB (M = 2048 plus the replay memory).
+        self._snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
+        self._snapshotting: Future[None] | None = None
+        self._snapshot_offsets: dict[str, int] | None = None  # to mirror to Kafka once durable
         self._calibration_rng = np.random.default_rng(0)
         self._log_counts = {"learned": 0, "dead_letter": 0, "duplicate": 0}
         self.correct = self.predicted = 0
@@ -141,6 +150,7 @@ class LearnLoop:
         self._collect_export(wait=True)
         self._export_pool.shutdown()
         self.snapshot("shutdown")
+        self._snapshot_pool.shutdown()
 
     def step(self) -> None:
         """One poll-learn-maybe-export-maybe-snapshot cycle."""
@@ -151,6 +161,7 @@ class LearnLoop:
             self._broker_trouble(exc)
             return
         self._outage_backoff = 0.0
+        self._backlog = sum(len(msgs) for msgs in polled.values()) >= self.opt.batch_max_events
         if self._revoked:
             self._revoked = False
             self.snapshot("revoke", commit=False)
@@ -167,6 +178,7 @@ class LearnLoop:
             self._learn(events)
         self._run_tasks()
         self._maybe_export()
+        self._collect_snapshot()
         self._maybe_snapshot()
         self._maybe_log()
 
@@ -246,10 +258,9 @@ class LearnLoop:
         if self.exporter is None or not self._changed or self._exporting is not None or self.exports_paused:
             return
         since = time.monotonic() - self._last_export
-        # A new class (or a forget) goes out at once: freshness is the promise. Routine exports share
-        # the cores with the backbone and the learner, so they take at most a third of the time.
+        # A new class (or a forget) goes out at once: freshness is the promise.
         routine = self._since_export >= self.opt.export_every_events or since >= self.opt.export_every_seconds
-        if self._urgent or (routine and since >= 3 * self._export_cost):
+        if self._urgent or (routine and routine_export_affordable(since, self._export_cost, self._backlog)):
             self._start_export()
 
     def _start_export(self) -> None:
@@ -258,7 +269,7 @@ class LearnLoop:
         Solving (and re-choosing ridge's lambda by GCV, seconds at M = 2048) happens on the copy, so
         the learner never stalls on it; the copy costs one memcpy of the statistics.
         """
-        refit = time.monotonic() - self._last_gcv > self.opt.gcv_every_seconds
+        refit = refit_due(time.monotonic() - self._last_gcv, self.opt.gcv_every_seconds, self._backlog)
         if refit:
             self._last_gcv = time.monotonic()
         X, labels = self.recent.rows()
@@ -285,8 +296,9 @@ class LearnLoop:
         X, labels, _ = memory.sample(CALIBRATION_SAMPLE, self._calibration_rng)
         return X, labels
 
-    def _export(self, job: _ExportJob) -> tuple[_ExportJob, ExportResult]:
+    def _export(self, job: _ExportJob) -> tuple[_ExportJob, ExportResult, float]:
         assert self.exporter is not None
+        start = time.perf_counter()
         if job.refit:
             choose = getattr(job.head, "choose_lambda", None)
             if callable(choose):
@@ -297,7 +309,7 @@ class LearnLoop:
                 job.head.set_temperature(temperature)  # type: ignore[attr-defined]
         result = self.exporter.export(job.head, probe=job.X[-64:], window=(job.X, job.labels),
                                       offsets=job.offsets, compensation=job.compensation)
-        return job, result
+        return job, result, time.perf_counter() - start
 
     def _collect_export(self, wait: bool = False) -> int | None:
         """Apply a finished export's outcome on the learner thread; return its version if applied."""
@@ -306,13 +318,12 @@ class LearnLoop:
             return None
         self._exporting = None
         try:
-            job, result = future.result()
+            job, result, self._export_cost = future.result()
         except Exception:
             log.exception("export failed; the served model is unchanged")
             self._changed = True
             return None
         _adopt_solver_choices(self.state.head, job.head)
-        self._export_cost = result.seconds
         if not result.applied or result.version is None:
             return None
         self.state.model_version = result.version
@@ -340,25 +351,46 @@ class LearnLoop:
             return
         due = time.monotonic() - self._last_snapshot >= self.opt.snapshot_every_seconds
         if due or self._since_snapshot >= self.opt.snapshot_every_events:
-            self.snapshot("periodic")
+            self.snapshot("periodic", wait=False)
 
-    def snapshot(self, why: str, *, commit: bool = True) -> None:
-        """Flush dead letters, write a snapshot, then (unless told not to) mirror its offsets to Kafka."""
+    def snapshot(self, why: str, *, commit: bool = True, wait: bool = True) -> None:
+        """Flush dead letters, capture the state now, write it (in the background unless ``wait``).
+
+        Once it is durable, and unless told not to, its offsets are mirrored to Kafka. One snapshot
+        at a time, in order: a new one first waits for the one in flight. A failed write raises on
+        this thread (here or at the next collection), as a crash.
+        """
+        self._collect_snapshot(wait=True)
         start = time.perf_counter()
         self.dlq.flush()
-        self.store.write(self.state.state_dict())
+        state = self.state.state_dict()  # copies: learning goes on while they are written
+        self._last_snapshot, self._since_snapshot = time.monotonic(), 0
+        self._snapshot_offsets = dict(self.state.offsets) if commit else None
+        self._snapshotting = self._snapshot_pool.submit(self._write_snapshot, state, start, why)
+        if wait:
+            self._collect_snapshot(wait=True)
+
+    def _write_snapshot(self, state: dict[str, Any], start: float, why: str) -> None:
+        self.store.write(state)
         seconds = time.perf_counter() - start
         metrics.SNAPSHOT_SECONDS.observe(seconds)
         metrics.LAST_SNAPSHOT_TIMESTAMP.set(time.time())
-        self._last_snapshot, self._since_snapshot = time.monotonic(), 0
         log.debug("snapshot (%s) in %.3f s", why, seconds)
-        if commit:
-            self._commit_mirror()
 
-    def _commit_mirror(self) -> None:
+    def _collect_snapshot(self, wait: bool = False) -> None:
+        """Once the snapshot in flight is durable, mirror the offsets it covers."""
+        future = self._snapshotting
+        if future is None or not (wait or future.done()):
+            return
+        self._snapshotting = None
+        future.result()
+        if self._snapshot_offsets is not None:
+            self._commit_mirror(self._snapshot_offsets)
+
+    def _commit_mirror(self, covered: dict[str, int]) -> None:
         offsets = {}
         for tp in self.consumer.assignment():
-            nxt = self.state.offsets.get(tp_key(tp.topic, tp.partition))
+            nxt = covered.get(tp_key(tp.topic, tp.partition))
             if nxt is not None:
                 offsets[tp] = OffsetAndMetadata(nxt, "", -1)
         if not offsets:
@@ -415,6 +447,25 @@ class LearnLoop:
             metrics.CONSUMER_LAG.labels(partition=str(tp.partition)).set(lag)
             total += lag
         return total
+
+
+def routine_export_affordable(since: float, cost: float, backlog: bool) -> bool:
+    """Whether a routine export may start ``since`` seconds after the last one began, which took ``cost``.
+
+    Routine exports share the cores with the backbone and the learner: they take at most a third
+    of the time, a tenth while a backlog is worked off (the served model trails by the backlog
+    anyway, and the cores are better spent closing it).
+    """
+    return since * (BACKLOG_EXPORT_SHARE if backlog else EXPORT_SHARE) >= cost
+
+
+def refit_due(age: float, period: float, backlog: bool) -> bool:
+    """Whether to re-choose ridge's lambda (GCV) ``age`` seconds after the last choice.
+
+    Every ``period`` seconds; the choice costs seconds at M = 2048 and drifts slowly, so it waits
+    out a backlog for up to four periods.
+    """
+    return age > period and (not backlog or age > 4 * period)
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,8 @@ class RidgeHead(ExactHead):
 
     def _extra_state(self) -> StateDict:
         digest = "" if self.projection_ is None else hashlib.sha256(self.projection_.tobytes()).hexdigest()
-        return {"gram": self._gram.full(), "lam_chosen": self.lam_ or 0.0, "projection_sha256": digest}
+        # The upper triangle is the whole matrix (loading symmetrises); no symmetric copy to build.
+        return {"gram": self._gram.upper(), "lam_chosen": self.lam_ or 0.0, "projection_sha256": digest}
 
     def _load_extra(self, state: StateDict) -> None:
         digest = "" if self.projection_ is None else hashlib.sha256(self.projection_.tobytes()).hexdigest()
@@ -227,15 +228,19 @@ class RidgeHead(ExactHead):
     def weights(self) -> np.ndarray:
         """``W = (G + lam I)^-1 Q`` (float64, (p, k), columns in ``classes_`` order, bias row last)."""
         if self._weights is None:
-            # numpy's Cholesky releases the GIL (scipy's cho_factor held it ~0.1 s at M = 2048).
-            A = self._gram.full()
-            A[np.diag_indices_from(A)] += self.lambda_()
+            # numpy's Cholesky releases the GIL (scipy's cho_factor held it ~0.1 s at M = 2048) and
+            # reads only the lower triangle: the transposed upper-triangle copy is enough.
+            lam = self.lambda_()
+            A = self._gram.upper().T
+            A[np.diag_indices_from(A)] += lam
             Q = self._table.sums.T
             try:
                 L = np.linalg.cholesky(A)
                 Y = scipy.linalg.solve_triangular(L, Q, lower=True, check_finite=False)
                 self._weights = scipy.linalg.solve_triangular(L.T, Y, lower=False, check_finite=False)
             except np.linalg.LinAlgError:  # lam tiny relative to rounding in G: general solve
+                A = self._gram.full()
+                A[np.diag_indices_from(A)] += lam
                 self._weights = np.linalg.solve(A, Q)
         return self._weights
 

@@ -155,3 +155,17 @@ def test_forgetting_removes_the_events_from_the_error_memory() -> None:
     apply_forget(state, ForgetRequest(label="c"), refetch=lambda locs: {loc: by_location[loc] for loc in locs},
                  embed=None, dim=D, max_event_bytes=10_000)
     assert state.errors.state_dict()["labels"].tolist() == ["b", "b"]
+
+
+def test_routine_exports_yield_the_cores_to_a_backlog_but_new_classes_do_not_wait() -> None:
+    from service.loop import refit_due, routine_export_affordable
+
+    # An export that took 0.5 s: caught up, the next may start 1.5 s after it began; behind, 5 s.
+    assert routine_export_affordable(1.5, 0.5, backlog=False)
+    assert not routine_export_affordable(1.4, 0.5, backlog=False)
+    assert not routine_export_affordable(4.9, 0.5, backlog=True)
+    assert routine_export_affordable(5.0, 0.5, backlog=True)
+    # GCV every 30 s when caught up; a backlog defers it, but never past four periods.
+    assert refit_due(31, 30, backlog=False) and not refit_due(29, 30, backlog=False)
+    assert not refit_due(100, 30, backlog=True) and refit_due(121, 30, backlog=True)
+    assert refit_due(0.1, 0, backlog=True)  # period 0: every export re-chooses
