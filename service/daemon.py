@@ -132,13 +132,13 @@ class Daemon:
             await stop_server(server, 2.0)
 
     def _load_current_model(self) -> None:
-        from service.served_model import load_served_model
+        from service.served_model import load_registered
 
         version = self.registry.current()
         if version is None:
             return
         try:
-            self.slot.swap(load_served_model(self.registry.path(version), self.backbone, version=version))
+            self.slot.swap(load_registered(self.registry, version, self.backbone))
             log.info("serving model v%d from the registry", version)
         except Exception as exc:
             log.warning("could not load model v%d from the registry: %s", version, exc)

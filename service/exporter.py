@@ -26,7 +26,7 @@ from learner.heads.base import Head, Readout
 from memory.compensation import Compensator
 from service import metrics
 from service.registry import ModelRegistry
-from service.served_model import Backbone, ModelSlot, ServedModel
+from service.served_model import Backbone, ModelSlot, ServedModel, compensation_bytes
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ class Exporter:
             metrics.SWAPS.labels(result="rejected", reason=reason.split(":")[0]).inc()
             log.warning("export rejected, version %d keeps serving: %s", self.slot_version(), reason)
             return ExportResult(False, None, reason, time.perf_counter() - start)
-        published = self.registry.publish(data, meta)
+        sidecar = compensation_bytes(compensation) if compensation is not None else None
+        published = self.registry.publish(data, meta, sidecar)
         served = ServedModel.from_session(session, version=published, meta=meta, backbone=self.backbone,
                                           compensation=compensation)
         swapped = self.slot.swap(served)

@@ -3,6 +3,7 @@
 Layout under ``root``::
 
     v00000007.onnx      one file per kept version
+    v00000007.onnx.sidecar   what serves beside it (the error compensation), when there is one
     manifest.json       {"format": 1, "last_version": 7, "current": 7,
                          "versions": [{"version": 7, "file": "v00000007.onnx", "meta": {...}}, ...]}
     .lock               advisory lock (fcntl) serialising writers across processes
@@ -95,6 +96,17 @@ class ModelRegistry:
         available = ", ".join(str(e["version"]) for e in manifest["versions"]) or "none"
         raise ModelError(f"unknown model version {version}; available: {available}")
 
+    def sidecar(self, version: int) -> bytes | None:
+        """The sidecar published with ``version`` (the served error compensation), or None."""
+        path = self.path(version)
+        name = next((e.get("sidecar") for e in self.read_manifest()["versions"] if e["version"] == version), None)
+        if not name:
+            return None
+        try:
+            return (path.parent / name).read_bytes()
+        except FileNotFoundError:  # pruned since the manifest was read
+            return None
+
     def meta(self, version: int) -> dict[str, str]:
         """The metadata published with ``version`` (``ModelError`` if unknown)."""
         self.path(version)
@@ -104,8 +116,12 @@ class ModelRegistry:
         raise ModelError(f"unknown model version {version}")  # pruned between the two reads
 
     # -- writing ---------------------------------------------------------------------------------
-    def publish(self, model_bytes: bytes, meta: Mapping[str, str]) -> int:
-        """Store ``model_bytes`` as the next version, make it current, prune; return the version.
+    def publish(self, model_bytes: bytes, meta: Mapping[str, str], sidecar: bytes | None = None) -> int:
+        """Store ``model_bytes`` (and its ``sidecar``) as the next version, make it current, prune.
+
+        Returns the version. The sidecar is what serves beside the ONNX head (the error
+        compensation, ``service.served_model.compensation_bytes``), so every process that follows
+        the registry serves exactly what the learner does.
 
         ``meta`` is stored in the manifest with ``model_version`` set to the assigned number. If the
         ONNX bytes carry a different ``model_version`` in their metadata (another writer published
@@ -116,7 +132,11 @@ class ModelRegistry:
             meta = {**{k: str(v) for k, v in meta.items()}, "model_version": str(version)}
             data = _stamp_version(model_bytes, meta)
             atomic_write(self.root / model_file_name(version), data)
-            manifest["versions"].append({"version": version, "file": model_file_name(version), "meta": meta})
+            entry: dict[str, Any] = {"version": version, "file": model_file_name(version), "meta": meta}
+            if sidecar is not None:
+                entry["sidecar"] = f"{model_file_name(version)}.sidecar"
+                atomic_write(self.root / entry["sidecar"], sidecar)
+            manifest["versions"].append(entry)
             manifest["last_version"] = version
             manifest["current"] = version
             pruned = self._prune(manifest)
@@ -144,7 +164,7 @@ class ModelRegistry:
         except FileNotFoundError:
             raise ModelError(f"model version {version} was pruned while rolling back") from None
         meta = {**self.meta(version), "rolled_back_from": str(version)}
-        return self.publish(data, meta)
+        return self.publish(data, meta, self.sidecar(version))
 
     # -- internals -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -163,7 +183,7 @@ class ModelRegistry:
         excess = len(entries) - self.keep
         dropped = [e for e in entries if e["version"] != manifest["current"]][: max(excess, 0)]
         manifest["versions"] = [e for e in entries if e not in dropped]
-        return [e["file"] for e in dropped]
+        return [name for e in dropped for name in (e["file"], e.get("sidecar")) if name]
 
 
 def _stamp_version(model_bytes: bytes, meta: Mapping[str, str]) -> bytes:

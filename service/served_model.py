@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Protocol
@@ -181,6 +181,38 @@ def make_session(model: bytes | Path, *, threads: int = 1) -> ort.InferenceSessi
         raise ModelError(f"onnxruntime cannot load the model: {exc}") from None
 
 
+def compensation_bytes(compensation: Compensator) -> bytes:
+    """The compensation as checksummed bytes (the registry's sidecar of a model version)."""
+    from service.checkpoint import pack
+
+    return pack({"errors": compensation.errors.state_dict(), "k": compensation.k,
+                 "strength": compensation.strength, "threshold": compensation.threshold})
+
+
+def compensation_from_bytes(data: bytes) -> Compensator:
+    """Inverse of ``compensation_bytes``; ``ModelError`` if the bytes are corrupt."""
+    from memory.compensation import ErrorMemory
+    from service.checkpoint import unpack
+    from service.errors import CheckpointError
+
+    try:
+        state = unpack(data)
+        errors = ErrorMemory(int(state["errors"]["capacity"]), int(state["errors"]["dim"]))
+        errors.load_state_dict(state["errors"])
+    except (CheckpointError, KeyError, ValueError) as exc:
+        raise ModelError(f"unreadable compensation sidecar: {exc}") from None
+    return Compensator(errors, k=int(state["k"]), strength=float(state["strength"]),
+                       threshold=float(state["threshold"]))
+
+
+def load_registered(registry: ModelRegistry, version: int, backbone: Backbone | None, *,
+                    threads: int = 1) -> ServedModel:
+    """Registry ``version`` ready to serve, with the compensation published beside it (if any)."""
+    model = load_served_model(registry.path(version), backbone, threads=threads, version=version)
+    sidecar = registry.sidecar(version)
+    return model if sidecar is None else replace(model, compensation=compensation_from_bytes(sidecar))
+
+
 def load_served_model(path: Path, backbone: Backbone | None, *, threads: int = 1,
                       version: int | None = None) -> ServedModel:
     """Load an ONNX head from ``path``, warm it with one run, and return it ready to serve.
@@ -316,8 +348,7 @@ class RegistryFollower:
             current = self.registry.current()
             if current is None or current <= (self.slot.version or 0):
                 return False
-            model = load_served_model(self.registry.path(current), self.backbone,
-                                      threads=self.threads, version=current)
+            model = load_registered(self.registry, current, self.backbone, threads=self.threads)
         except ModelError as exc:
             if self._failed != hash(str(exc)):  # log each distinct failure once, not every tick
                 log.error("cannot follow the model registry: %s", exc)

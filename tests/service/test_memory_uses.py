@@ -169,3 +169,44 @@ def test_routine_exports_yield_the_cores_to_a_backlog_but_new_classes_do_not_wai
     assert refit_due(31, 30, backlog=False) and not refit_due(29, 30, backlog=False)
     assert not refit_due(100, 30, backlog=True) and refit_due(121, 30, backlog=True)
     assert refit_due(0.1, 0, backlog=True)  # period 0: every export re-chooses
+
+
+def test_processes_following_the_registry_serve_the_same_compensation(tmp_path: Path) -> None:
+    """A serve replica, or the daemon after a restart, answers exactly as the learner's own model."""
+    from service.served_model import RegistryFollower, load_registered
+
+    rng = np.random.default_rng(4)
+    X = np.concatenate([around(rng, i, 30) for i in range(4)])
+    labels = [f"c{i}" for i in range(4) for _ in range(30)]
+    state = new_state("ncm", {}, None, window=1000, backbone_identity="bb", errors=ErrorMemory(50, D))
+    learn_batch(state, records(X, labels, 0), embed=None, dim=D, max_event_bytes=10_000)
+    assert state.errors is not None
+    state.errors.add(around(rng, 0, 5), ["c3"] * 5)  # mistakes near c0 that were really c3
+    registry = ModelRegistry(tmp_path / "models", keep=2)
+    learner_slot = ModelSlot()
+    exporter = Exporter(registry=registry, slot=learner_slot, backbone=None, backbone_identity="bb",
+                        head_kind="ncm", parity_tolerance=1e-4, max_accuracy_drop=0.02)
+    loop = LearnLoop(consumer=None, dlq=None, state=state, store=None, exporter=exporter,  # type: ignore[arg-type]
+                     embed=None, refetch=None, options=options(64))  # type: ignore[arg-type]
+    try:
+        assert loop.export_now() == 1
+    finally:
+        loop._export_pool.shutdown()
+    learner_model = learner_slot.get()
+    assert learner_model is not None and learner_model.compensation is not None
+
+    replica_slot = ModelSlot()
+    assert RegistryFollower(registry, replica_slot, None, interval=0.1).poll_once()
+    replica = replica_slot.get()
+    assert replica is not None and replica.compensation is not None
+    probe = around(rng, 0, 20)
+    np.testing.assert_array_equal(replica.predict_features(probe), learner_model.predict_features(probe))
+    assert not np.allclose(replica.predict_raw(probe), replica.predict_features(probe))  # it does compensate
+
+    rolled = registry.rollback(1)  # a rollback republishes the sidecar with the model
+    again = load_registered(registry, rolled, None)
+    np.testing.assert_array_equal(again.predict_features(probe), learner_model.predict_features(probe))
+    registry.rollback(rolled)
+    files = sorted(p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith("."))
+    assert files == ["manifest.json", "v00000002.onnx", "v00000002.onnx.sidecar",
+                     "v00000003.onnx", "v00000003.onnx.sidecar"]  # pruned with their models
