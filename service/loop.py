@@ -299,10 +299,11 @@ class LearnLoop:
     def _export(self, job: _ExportJob) -> tuple[_ExportJob, ExportResult, float]:
         assert self.exporter is not None
         start = time.perf_counter()
-        if job.refit:
-            choose = getattr(job.head, "choose_lambda", None)
-            if callable(choose):
-                choose()
+        # Ridge's lambda is chosen by GCV only on a refit (seconds at M = 2048, on schedule); until
+        # the first one, exports use a provisional lambda rather than stall the first model on it.
+        choose = getattr(job.head, "choose_lambda" if job.refit else "provisional_lambda", None)
+        if callable(choose):
+            choose()
         if job.calibration is not None:  # after choose_lambda: leave-one-out scores depend on it
             temperature = fit_heldout_temperature(job.head, *job.calibration)
             if temperature is not None:

@@ -162,6 +162,10 @@ class SecondMoment:
         diagonal *= 0.5
         return out
 
+    def trace(self) -> float:
+        """The sum of the diagonal."""
+        return float(np.trace(self._upper))
+
     def load(self, matrix: np.ndarray) -> None:
         """Replace the contents with a symmetric (p, p) matrix (copied)."""
         matrix = np.asarray(matrix, dtype=np.float64)

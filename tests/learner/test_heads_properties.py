@@ -197,6 +197,21 @@ def test_gcv_lambda_is_cached_until_chosen_again() -> None:
     assert head.choose_lambda() != first
 
 
+def test_a_provisional_lambda_serves_until_gcv_chooses() -> None:
+    rng = np.random.default_rng(1)
+    head = RidgeHead(expansion_width=16)
+    assert head.provisional_lambda() is None  # nothing learned yet
+    X = rng.normal(size=(40, D))
+    head.learn_many(X, [f"c{i % 3}" for i in range(40)])
+    phi = head.features(X)  # the design matrix, bias column included
+    want = 0.02 * np.trace(phi.T @ phi) / phi.shape[1]
+    assert head.provisional_lambda() == pytest.approx(want, rel=1e-9)
+    assert head.lambda_() == head.lam_ == pytest.approx(want, rel=1e-9)  # readouts do not run GCV now
+    assert head.choose_lambda() != pytest.approx(want)  # a refit replaces it
+    assert head.provisional_lambda() == head.lam_  # and a chosen lambda is kept
+    assert RidgeHead(lam=3.0).provisional_lambda() == 3.0
+
+
 def test_projection_is_regenerated_from_seed_and_checked_on_load() -> None:
     np.testing.assert_array_equal(random_projection(7, 16, D), random_projection(7, 16, D))
     assert random_projection(7, 16, D).dtype == np.float32
