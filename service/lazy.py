@@ -40,6 +40,7 @@ class LazyBackbone:
         self._backbone: Any = None
         self._closed = threading.Event()
         self._child: subprocess.Popen[bytes] | None = None
+        self._failure: BackboneUnavailable | None = None  # a failed load is not retried: restart to retry
         self.dim = int(settings.dim)
         self.identity = _identity(settings.name)
 
@@ -50,6 +51,8 @@ class LazyBackbone:
             if self._backbone is None:
                 if self._closed.is_set():
                     raise BackboneUnavailable("the backbone was not loaded before shutdown")
+                if self._failure is not None:
+                    raise self._failure
                 s = self._settings
                 try:
                     if s.runtime == "onnx":
@@ -59,10 +62,13 @@ class LazyBackbone:
                     self._backbone = load_backbone(s.name, runtime=s.runtime, max_tokens=s.max_tokens,
                                                    batch_size=s.batch_size, threads=s.threads,
                                                    cache_dir=Path(s.cache_dir))
-                except BackboneUnavailable:
+                except BackboneUnavailable as exc:
+                    if not self._closed.is_set():
+                        self._failure = exc
                     raise
                 except Exception as exc:  # missing package, failed export, unreadable cache...
-                    raise BackboneUnavailable(f"backbone {s.name} could not be loaded: {exc}") from exc
+                    self._failure = BackboneUnavailable(f"backbone {s.name} could not be loaded: {exc}")
+                    raise self._failure from exc
                 self.identity = self._backbone.identity
             return self._backbone
 

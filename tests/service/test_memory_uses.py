@@ -18,7 +18,7 @@ from service.exporter import Exporter
 from service.loop import LearnLoop, LoopOptions
 from service.registry import ModelRegistry
 from service.served_model import ModelSlot, ServedModel
-from service.state import new_state
+from service.state import LearnerState, new_state
 
 D = 8
 
@@ -100,6 +100,20 @@ def options(holdout: int) -> LoopOptions:
                        holdout_size=holdout, gcv_every_seconds=0.0, head_label="ridge")
 
 
+def export_once(state: LearnerState, registry: ModelRegistry, head_kind: str) -> ModelSlot:
+    """Export ``state``'s head through the learn loop's export path (gates included) as version 1."""
+    slot = ModelSlot()
+    exporter = Exporter(registry=registry, slot=slot, backbone=None, backbone_identity="bb",
+                        head_kind=head_kind, parity_tolerance=1e-4, max_accuracy_drop=0.02)
+    loop = LearnLoop(consumer=None, dlq=None, state=state, store=None, exporter=exporter,  # type: ignore[arg-type]
+                     embed=None, refetch=None, options=options(64))  # type: ignore[arg-type]
+    try:
+        assert loop.export_now() == 1
+    finally:
+        loop._export_pool.shutdown()
+    return slot
+
+
 @pytest.mark.parametrize("temperature", ["auto", 0.05])
 def test_export_fits_the_temperature_on_the_memory_and_serves_the_compensation(tmp_path: Path,
                                                                                temperature: object) -> None:
@@ -112,15 +126,7 @@ def test_export_fits_the_temperature_on_the_memory_and_serves_the_compensation(t
     learn_batch(state, records(X, labels, 0), embed=None, dim=D, max_event_bytes=10_000)
     assert state.errors is not None and state.memory is not None and len(state.memory) == 160
     state.errors.add(X[:3], ["c1"] * 3)
-    slot = ModelSlot()
-    exporter = Exporter(registry=ModelRegistry(tmp_path / "models", keep=3), slot=slot, backbone=None,
-                        backbone_identity="bb", head_kind="ridge", parity_tolerance=1e-4, max_accuracy_drop=0.02)
-    loop = LearnLoop(consumer=None, dlq=None, state=state, store=None, exporter=exporter,  # type: ignore[arg-type]
-                     embed=None, refetch=None, options=options(64))  # type: ignore[arg-type]
-    try:
-        assert loop.export_now() == 1
-    finally:
-        loop._export_pool.shutdown()
+    slot = export_once(state, ModelRegistry(tmp_path / "models", keep=3), "ridge")
     model = slot.get()
     assert model is not None and model.compensation is not None and len(model.compensation.errors) == 3
     fitted = state.head.fitted_temperature_  # type: ignore[attr-defined]
@@ -183,16 +189,7 @@ def test_processes_following_the_registry_serve_the_same_compensation(tmp_path: 
     assert state.errors is not None
     state.errors.add(around(rng, 0, 5), ["c3"] * 5)  # mistakes near c0 that were really c3
     registry = ModelRegistry(tmp_path / "models", keep=2)
-    learner_slot = ModelSlot()
-    exporter = Exporter(registry=registry, slot=learner_slot, backbone=None, backbone_identity="bb",
-                        head_kind="ncm", parity_tolerance=1e-4, max_accuracy_drop=0.02)
-    loop = LearnLoop(consumer=None, dlq=None, state=state, store=None, exporter=exporter,  # type: ignore[arg-type]
-                     embed=None, refetch=None, options=options(64))  # type: ignore[arg-type]
-    try:
-        assert loop.export_now() == 1
-    finally:
-        loop._export_pool.shutdown()
-    learner_model = learner_slot.get()
+    learner_model = export_once(state, registry, "ncm").get()
     assert learner_model is not None and learner_model.compensation is not None
 
     replica_slot = ModelSlot()
