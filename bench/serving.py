@@ -90,10 +90,12 @@ class Plan:
     learning_seconds: float  # text latency while the daemon learns
 
 
-QUICK = Plan(swaps=1000, swap_blocks=4, block_seconds=3.0, clients=4, client_rate=60.0,
+# Swaps come 20 times a second: ten times what a daemon does at most (routine exports are >= 1 s
+# apart, new classes wait for the export in flight), and 1,000+ of them take a minute.
+QUICK = Plan(swaps=1000, swap_blocks=4, block_seconds=25.0, clients=4, client_rate=60.0,
              latency_requests=3000, text_requests=150, fresh_feature_classes=15, fresh_text_classes=5,
              events_per_class=20, learning_seconds=10.0)
-FULL = Plan(swaps=2000, swap_blocks=6, block_seconds=5.0, clients=4, client_rate=60.0,
+FULL = Plan(swaps=1200, swap_blocks=6, block_seconds=20.0, clients=4, client_rate=60.0,
             latency_requests=10_000, text_requests=400, fresh_feature_classes=50, fresh_text_classes=10,
             events_per_class=20, learning_seconds=20.0)
 
