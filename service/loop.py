@@ -208,6 +208,7 @@ class LearnLoop:
                 self._pending_since = records[0].received_at
         if out.new_classes:
             self._urgent = True  # a new class is exported as soon as the export budget allows
+            metrics.CLASSES.set(len(self.state.head.classes_))
         self._since_export += len(records)
         self._since_snapshot += len(records)
         for key, n in (("learned", out.learned), ("dead_letter", len(out.dead_letters)),
@@ -247,6 +248,7 @@ class LearnLoop:
         metrics.FORGET_UNKNOWN_IDS.inc(result.unknown)
         self._since_snapshot += 1
         if result.forgotten:
+            metrics.CLASSES.set(len(self.state.head.classes_))
             self._changed = True
             self._urgent = True
             self._pending_since = self._pending_since or time.time()
