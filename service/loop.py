@@ -94,7 +94,8 @@ class LearnLoop:
         self._since_snapshot = 0
         self._changed = False
         self._pending_since: float | None = None
-        self._last_export = self._last_snapshot = self._last_log = self._last_gcv = time.monotonic()
+        self._last_export = self._last_snapshot = self._last_gcv = time.monotonic()
+        self._log_timer = Interval(options.log_every_seconds)
         self._exporting: Future[tuple[_ExportJob, ExportResult, float]] | None = None
         self._export_cost = 0.0  # seconds the last export job took (solve, refit, gates, swap)
         self._backlog = False  # the last poll filled a whole batch: more is waiting
@@ -417,11 +418,9 @@ class LearnLoop:
 
     # -- observability -----------------------------------------------------------------------
     def _maybe_log(self) -> None:
-        now = time.monotonic()
-        dt = now - self._last_log
-        if dt < self.opt.log_every_seconds:
+        dt = self._log_timer.elapsed_if_due()
+        if dt is None:
             return
-        self._last_log = now
         lag = self._update_lag()
         metrics.BROKER_UP.set(1 if broker_up(self.consumer) else 0)
         if self.predicted:
@@ -450,6 +449,23 @@ class LearnLoop:
             metrics.CONSUMER_LAG.labels(partition=str(tp.partition)).set(lag)
             total += lag
         return total
+
+
+class Interval:
+    """A periodic duty on the monotonic clock (the progress log line, in both learn loops)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._last = time.monotonic()
+
+    def elapsed_if_due(self) -> float | None:
+        """Seconds since the last time it was due, if at least ``seconds`` (restarting the interval); else None."""
+        now = time.monotonic()
+        elapsed = now - self._last
+        if elapsed < self.seconds:
+            return None
+        self._last = now
+        return elapsed
 
 
 def routine_export_affordable(since: float, cost: float, backlog: bool) -> bool:

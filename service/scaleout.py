@@ -42,7 +42,7 @@ from service.checkpoint import pack, unpack
 from service.deltas import DeltaRecord, delta_headers, summarize
 from service.errors import BackboneUnavailable, BrokerError
 from service.kafka import DeadLetterWriter, subscribe
-from service.loop import broker_up
+from service.loop import Interval, broker_up
 from service.state import LearnerState
 from service.window import RecentRows
 
@@ -109,7 +109,8 @@ class PartitionedLearnLoop:
         self.published = 0
         self._since_publish = 0
         self._publish_soon = False
-        self._last_publish = self._last_log = time.monotonic()
+        self._last_publish = time.monotonic()
+        self._log_timer = Interval(options.log_every_seconds)
         self._log_learned = 0
         self.alive = threading.Event()
 
@@ -283,11 +284,9 @@ class PartitionedLearnLoop:
 
     # -- observability -----------------------------------------------------------------------
     def _maybe_log(self) -> None:
-        now = time.monotonic()
-        dt = now - self._last_log
-        if dt < self.opt.log_every_seconds:
+        dt = self._log_timer.elapsed_if_due()
+        if dt is None:
             return
-        self._last_log = now
         lag = 0
         for p in sorted(self.owned):
             high = self.consumer.highwater(TopicPartition(self.opt.topic, p))
