@@ -89,31 +89,30 @@ class ModelRegistry:
 
     def path(self, version: int) -> Path:
         """The file of a kept ``version``; ``ModelError`` naming the available ones if unknown."""
-        manifest = self.read_manifest()
-        for entry in manifest["versions"]:
-            if entry["version"] == version:
-                return self.root / entry["file"]
-        available = ", ".join(str(e["version"]) for e in manifest["versions"]) or "none"
-        raise ModelError(f"unknown model version {version}; available: {available}")
+        return self.root / self._entry(version)["file"]
 
     def sidecar(self, version: int) -> bytes | None:
         """The sidecar published with ``version`` (the served error compensation), or None."""
-        path = self.path(version)
-        name = next((e.get("sidecar") for e in self.read_manifest()["versions"] if e["version"] == version), None)
+        name = self._entry(version).get("sidecar")
         if not name:
             return None
         try:
-            return (path.parent / name).read_bytes()
+            return (self.root / name).read_bytes()
         except FileNotFoundError:  # pruned since the manifest was read
             return None
 
     def meta(self, version: int) -> dict[str, str]:
         """The metadata published with ``version`` (``ModelError`` if unknown)."""
-        self.path(version)
-        for entry in self.read_manifest()["versions"]:
+        return dict(self._entry(version)["meta"])
+
+    def _entry(self, version: int) -> dict[str, Any]:
+        """``version``'s manifest entry, from one read of the manifest; ``ModelError`` if not kept."""
+        manifest = self.read_manifest()
+        for entry in manifest["versions"]:
             if entry["version"] == version:
-                return dict(entry["meta"])
-        raise ModelError(f"unknown model version {version}")  # pruned between the two reads
+                return dict(entry)
+        available = ", ".join(str(e["version"]) for e in manifest["versions"]) or "none"
+        raise ModelError(f"unknown model version {version}; available: {available}")
 
     # -- writing ---------------------------------------------------------------------------------
     def publish(self, model_bytes: bytes, meta: Mapping[str, str], sidecar: bytes | None = None) -> int:
