@@ -252,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _kafka_errors_on_one_line(record: logging.LogRecord) -> bool:
+    """Render kafka-python's exceptions as one line, not a traceback.
+
+    kafka-python logs the network errors it handles itself (it reconnects and retries) with their
+    traceback, including races inside its own IO thread while a client closes; eddy reports broker
+    trouble itself (``eddy_broker_up``, its own log lines), and a traceback there reads as a crash.
+    """
+    if record.exc_info and record.name.startswith("kafka"):
+        kind, exc = record.exc_info[0], record.exc_info[1]
+        record.msg = f"{record.getMessage()} ({kind.__name__ if kind else 'error'}: {exc})"
+        record.args, record.exc_info, record.exc_text = None, None, None
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``eddy`` console script."""
     args = build_parser().parse_args(argv)
@@ -259,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # kafka-python narrates every connection at INFO; its warnings and errors still show.
     for noisy in ("kafka", "faiss.loader"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_kafka_errors_on_one_line)
     try:
         return int(args.fn(args))
     except ConfigError as exc:
