@@ -43,14 +43,14 @@ def machine_info() -> dict[str, Any]:
 
 
 def limit_blas_threads(n: int = 1) -> None:
-    """Use ``n`` BLAS threads, as the daemon does (``head.blas_threads = 1``).
+    """Use ``n`` BLAS and OpenMP threads in every numeric library, as the daemon does.
 
     Why: on 2 cores shared with other jobs, a multi-threaded BLAS spins waiting for a core and
     a 2049x2049 eigendecomposition goes from ~1 s to ~13 s.
     """
-    from threadpoolctl import threadpool_limits
+    from service.threads import limit_native_threads
 
-    threadpool_limits(n)
+    limit_native_threads(n)
 
 
 def _git_commit() -> str | None:

@@ -27,9 +27,15 @@ DEFINITIONS = {
     "ridge_vs_river_learn_ratio": "eddy ridge M=2048 (default head) learn events/s on 384-d features / "
                                   "fastest accurate River learner's learn_one events/s (medians, alternating rounds)",
     "text_e2e_vs_backbone_ratio": "daemon text events/s through Kafka (first learned batch -> last) / bare "
-                                  "backbone sentences/s on the same texts in the daemon's calls of 512",
-    "features_e2e_vs_consume_ratio": "daemon feature events/s through Kafka / bare kafka-python consume "
-                                     "messages/s of the same topic",
+                                  "backbone sentences/s on the same texts in the daemon's calls of 512; "
+                                  "median of rounds alternating reference and daemon",
+    "features_e2e_vs_consume_ratio": "daemon (default config) feature events/s through Kafka, JSON arrays / bare "
+                                     "kafka-python consume messages/s of the same messages; median of rounds",
+    "features_e2e_vs_head_alone_ratio": "the same daemon rate / the default head learning the same features in "
+                                        "process with no Kafka (what the daemon adds over its head's math)",
+    "features_head_alone_vs_consume_ratio": "default head alone / bare consume: the most the key can reach here",
+    "features_e2e_lean_*_vs_consume_ratio": "ridge M=0, no replay memory, no compensation: the daemon where its "
+                                            "head costs next to nothing (JSON arrays / base64 float32)",
     "banking77_*_final_accuracy": "test accuracy after streaming, class-incremental order, mean over seeds; "
                                   "eddy: full stream; River: the River-budget subsample (best River method)",
     "banking77_*_prequential_accuracy": "test-then-train accuracy in batches of 256, random order, mean over "
@@ -74,6 +80,13 @@ def summarize(results: Results) -> dict[str, Any]:
                                                     "features_e2e_vs_consume_ratio")}
     s["ridge_M0_vs_river_learn_ratio"] = results.get("throughput", {}).get("learn", {}).get(
         "ridge_M0_vs_river_learn_ratio")
+    feats = results.get("throughput", {}).get("features", {})
+    s["features_e2e_vs_head_alone_ratio"] = feats.get("features_e2e_vs_head_alone_ratio")
+    s["features_head_alone_vs_consume_ratio"] = feats.get("head_alone_vs_consume_ratio")
+    for name, v in feats.get("variants", {}).items():
+        if name.startswith("lean"):
+            key = "base64" if v.get("base64_features") else "json"
+            s[f"features_e2e_lean_{key}_vs_consume_ratio"] = v.get("e2e_vs_consume_ratio")
     ci_full, rnd_full = _agg(results, "banking77", "full", "class-incremental"), _agg(results, "banking77", "full",
                                                                                        "random")
     ci_bud = _agg(results, "banking77", "river-budget", "class-incremental")
@@ -195,22 +208,34 @@ def _throughput(doc: dict[str, Any]) -> list[str]:
                          [[k, _fmt(learn["median_events_per_s"][k]), ", ".join(_fmt(v) for v in vs)]
                           for k, vs in learn["events_per_s"].items()]))
     text = doc.get("text")
-    if text:
-        d = text["daemon"]
-        out.append(f"\nText end to end: {text['events']} banking77 texts; daemon {_fmt(d['events_per_s'], 1)} "
-                   f"events/s (after its first batch of {_fmt(d['first_batch_events'], 0)}; start-up to first "
-                   f"learned {_fmt(d['startup_to_first_learned_s'], 1)} s) vs bare backbone in the daemon's "
-                   f"calls of 512: {', '.join(_fmt(v, 1) for v in text['backbone_calls_of_512_sentences_per_s'])} "
-                   f"sentences/s (before, after); in calls of 64: "
-                   f"{_fmt(text.get('backbone_calls_of_64_sentences_per_s'), 1)}. "
-                   f"Daemon RSS {d['daemon_rss_bytes'] / 2**20:.0f} MiB.")
+    if text and "rounds" in text:
+        refs = text["backbone_calls_of_512_sentences_per_s"]
+        out.append(f"\nText end to end: {text['rounds']} rounds of {text['events_per_round']} banking77 texts, "
+                   "alternating with the bare backbone in the daemon's calls of 512 (the daemon resumes from "
+                   "its snapshot each round; start-up and its first batch excluded).\n")
+        rows = [[f"round {i + 1}", _fmt(d["events_per_s"], 1), f"{_fmt(refs[i], 1)} / {_fmt(refs[i + 1], 1)}",
+                 _fmt(r, 3), f"{d['daemon_rss_bytes'] / 2**20:.0f} MiB"]
+                for i, (d, r) in enumerate(zip(text["daemon"], text["round_ratios"], strict=True))]
+        out.append(table(["round", "daemon events/s", "backbone before / after", "ratio", "daemon RSS"], rows))
+        out.append(f"\nMedian ratio {_fmt(text['text_e2e_vs_backbone_ratio'], 3)}; the backbone in calls of 64 "
+                   f"(its own batch, more padding): {_fmt(text.get('backbone_calls_of_64_sentences_per_s'), 1)} "
+                   "sentences/s.")
     feats = doc.get("features")
-    if feats:
-        d = feats["daemon"]
-        out.append(f"\nFeatures end to end: {feats['events']} events of {feats['message_bytes_mean']:.0f} bytes; "
-                   f"daemon {_fmt(d['events_per_s'])} events/s vs raw kafka-python consume "
-                   f"{', '.join(_fmt(v) for v in feats['raw_consume_messages_per_s'])} messages/s (before, after). "
-                   f"Daemon RSS {d['daemon_rss_bytes'] / 2**20:.0f} MiB.")
+    if feats and "variants" in feats:
+        out.append(f"\nFeatures end to end ({feats['events_per_round']} events per round; the default config in "
+                   f"{feats['rounds']} rounds, the others in one).\n")
+        rows = []
+        for name, v in feats["variants"].items():
+            rates = [d["events_per_s"] for d in v["daemon"]]
+            rows.append([name, f"{v['message_bytes_mean']:,.0f}", ", ".join(_fmt(r) for r in rates),
+                         ", ".join(_fmt(r) for r in v["raw_consume_messages_per_s"]),
+                         _fmt(v["e2e_vs_consume_ratio"], 3)])
+        out.append(table(["daemon config, encoding", "bytes/event", "daemon events/s", "raw consume msgs/s",
+                          "ratio (median)"], rows))
+        out.append(f"\nThe default head alone (M=2048, in process, no Kafka, batches of 512): "
+                   f"{', '.join(_fmt(r) for r in feats['head_alone_events_per_s'])} events/s: the daemon reaches "
+                   f"{_fmt(feats['features_e2e_vs_head_alone_ratio'], 2)}x of it, and the head alone is "
+                   f"{_fmt(feats['head_alone_vs_consume_ratio'], 2)}x of the raw consume rate.")
     return out
 
 

@@ -7,15 +7,17 @@
    River learner of the accuracy comparison (``learn_one``, event by event), after the same warm-up
    (every class seen). Rounds alternate eddy / River so load drift hits both; medians are compared.
    Ridge M=0 is reported beside it, and River's mini-batch ``learn_many`` as a variant.
-2. ``text_e2e_vs_backbone_ratio``: N banking77 texts produced to a real Kafka topic, then the real
+2. ``text_e2e_vs_backbone_ratio``: banking77 texts produced to a real Kafka topic, then the real
    daemon (``eddy serve --role all``, default config) consumes, embeds and learns them; the rate is
    (events learned after the first learned batch) / (time from that batch to the last), so the
    daemon's start-up is excluded. Compared with the bare backbone embedding the same texts in
-   process in the daemon's calls (512 texts, sorted by length inside each call), measured before
-   and after the daemon run.
-3. ``features_e2e_vs_consume_ratio``: N feature events (banking77 embeddings as JSON) on a real
-   topic; the daemon's rate as above vs a bare kafka-python ``KafkaConsumer`` reading every message
-   of the same topic without processing (measured before and after the daemon run).
+   process in the daemon's calls (512 texts, sorted by length inside each call). Rounds alternate
+   reference and daemon (the daemon resumes from its snapshot each round); the ratio is the median
+   of the per-round ratios, each over the references just before and after its round.
+3. ``features_e2e_vs_consume_ratio``: feature events (banking77 embeddings as JSON arrays) on a
+   real topic; the daemon's rate as above vs a bare kafka-python ``KafkaConsumer`` polling the same
+   messages without processing, in rounds as above. Beside it: base64 float32 features, a lean
+   config (ridge M=0, no memory), and the default head learning the same features with no Kafka.
 
 Also records the daemon's RSS after each run. Writes ``bench/results/throughput.json``.
 """
@@ -208,56 +210,76 @@ def produce(bootstrap: str, topic: str, values: list[bytes]) -> float:
     return time.perf_counter() - t0
 
 
-def raw_consume_rate(bootstrap: str, topic: str, n: int) -> float:
-    """Messages/s of a bare ``KafkaConsumer`` reading ``n`` messages (first message -> last)."""
-    from kafka import KafkaConsumer
+def raw_consume_rate(bootstrap: str, topic: str, start: int, n: int) -> float:
+    """Messages/s of a bare ``KafkaConsumer`` polling ``n`` messages from offset ``start`` of partition 0.
 
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
-                             enable_auto_commit=False, consumer_timeout_ms=30_000)
-    count, t_first = 0, 0.0
-    for _ in consumer:
-        count += 1
-        if count == 1:
-            t_first = time.perf_counter()
-        if count >= n:
-            break
-    rate = (count - 1) / (time.perf_counter() - t_first) if count > 1 else 0.0
+    Polls in batches of the daemon's size (faster than iterating message by message, so the
+    stricter reference); timed from the first message to the last.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek(tp, start)
+    count, first, t_first = 0, 0, 0.0
+    deadline = time.monotonic() + 60
+    while count < n and time.monotonic() < deadline:
+        got = sum(len(msgs) for msgs in consumer.poll(timeout_ms=1000, max_records=DAEMON_BATCH).values())
+        if got and not count:
+            t_first, first = time.perf_counter(), got
+        count += got
+    seconds = time.perf_counter() - t_first
     consumer.close()
     if count < n:
         raise RuntimeError(f"raw consumer read {count} of {n} messages from {topic}")
-    return rate
+    return (count - first) / seconds
 
 
-def daemon_rate(bootstrap: str, topic: str, n: int, tmp: Path, env_extra: dict[str, str]) -> dict[str, Any]:
-    """Start the real daemon on ``topic`` (already holding ``n`` events) and time its learning.
+class DaemonRounds:
+    """The real daemon (``eddy serve --role all``) learning a topic one round at a time.
 
-    Returns the rate from the first learned batch to the last event learned (start-up excluded),
-    the daemon's RSS at the end, and the start-up time.
+    Each round starts the daemon on the same state folder, so it resumes from its last snapshot
+    and learns exactly the events produced since; the round is timed from its first learned batch
+    to its last event (start-up excluded), then the daemon is stopped. References measured between
+    rounds therefore share the machine with no daemon.
     """
-    import psutil
 
-    from tests.integration.daemon import daemon_env, start_daemon
+    def __init__(self, bootstrap: str, topic: str, folder: Path, env_extra: dict[str, str]) -> None:
+        from tests.integration.daemon import daemon_env
 
-    env = daemon_env(tmp, bootstrap, topic, **env_extra)
-    t_start = time.perf_counter()
-    daemon = start_daemon(tmp, env)
-    try:
-        count, t_first = 0.0, 0.0
-        while count <= 0:
-            count = daemon.wait_metric(LEARNED, lambda v: v > 0, timeout=300)
+        self.folder = folder
+        self.env = daemon_env(folder, bootstrap, topic, **env_extra)
+
+    def round(self, n: int) -> dict[str, Any]:
+        """Learn the ``n`` events waiting on the topic; rate, start-up, RSS, stage times, exit code."""
+        import psutil
+
+        from tests.integration.daemon import start_daemon
+
+        t_start = time.perf_counter()
+        daemon = start_daemon(self.folder, self.env)
+        try:
+            first = daemon.wait_metric(LEARNED, lambda v: v > 0, timeout=300)
             t_first = time.perf_counter()
-        first_count = count
-        daemon.wait_metric(LEARNED, lambda v: v >= n, timeout=900)
-        t_last = time.perf_counter()
-        rss = psutil.Process(daemon.proc.pid).memory_info().rss
-        stages = {name: {"sum_s": daemon.metric(f"eddy_{name}_seconds_sum"),
-                         "count": daemon.metric(f"eddy_{name}_seconds_count")} for name in STAGES}
-    finally:
-        rc = daemon.stop()
-    return {"events": n, "first_batch_events": first_count, "startup_to_first_learned_s": t_first - t_start,
-            "seconds_first_to_last": t_last - t_first,
-            "events_per_s": (n - first_count) / (t_last - t_first), "daemon_rss_bytes": rss, "exit_code": rc,
-            "stage_seconds_whole_run": stages}
+            daemon.wait_metric(LEARNED, lambda v: v >= n, timeout=900)
+            t_last = time.perf_counter()
+            rss = psutil.Process(daemon.proc.pid).memory_info().rss
+            stages = {name: {"sum_s": daemon.metric(f"eddy_{name}_seconds_sum"),
+                             "count": daemon.metric(f"eddy_{name}_seconds_count")} for name in STAGES}
+        finally:
+            rc = daemon.stop()
+        if rc != 0:
+            raise RuntimeError(f"daemon exited with {rc}")
+        return {"events": n, "first_batch_events": first, "startup_to_first_learned_s": t_first - t_start,
+                "seconds_first_to_last": t_last - t_first, "events_per_s": (n - first) / (t_last - t_first),
+                "daemon_rss_bytes": rss, "exit_code": rc, "stage_seconds": stages}
+
+
+def _median_of_rounds(rates: list[float], refs: list[float]) -> tuple[list[float], float]:
+    """Per-round ratios (each round over the mean of the references taken just before and after it)."""
+    ratios = [rate / ((refs[i] + refs[i + 1]) / 2) for i, rate in enumerate(rates)]
+    return ratios, float(np.median(ratios))
 
 
 def backbone_rate(texts: list[str], chunk: int | None = None) -> float:
@@ -277,56 +299,98 @@ def backbone_rate(texts: list[str], chunk: int | None = None) -> float:
     return len(texts) / (time.perf_counter() - t0)
 
 
-def text_part(bootstrap: str, n: int, n_backbone: int) -> dict[str, Any]:
+def text_part(bootstrap: str, rounds: int, per_round: int, n_backbone: int) -> dict[str, Any]:
     """Daemon text e2e vs the bare backbone embedding the same texts the way the daemon calls it.
 
     The daemon embeds each consumed batch (up to ``DAEMON_BATCH`` texts) in one call, sorted by
-    length inside the call; the reference makes the same calls, before and after the daemon run.
-    Calls of 64 (the encoder's own batch, which pads more) are reported beside it for context.
+    length inside the call; the reference makes the same calls. Rounds alternate reference and
+    daemon (reference, round 1, reference, round 2, ..., reference) so the machine's drift hits
+    both; the ratio is the median of the per-round ratios. Calls of 64 (the encoder's own batch,
+    which pads more) are reported beside it for context.
     """
     from service.events import encode
 
-    texts, labels, _ = banking77(n, seed=1)
+    texts, labels, _ = banking77(rounds * per_round, seed=1)
     sample = texts[:max(n_backbone, 2 * DAEMON_BATCH)]
-    before = backbone_rate(sample, DAEMON_BATCH)
-    print(f"  backbone in process, calls of {DAEMON_BATCH}: {before:,.1f} sentences/s", flush=True)
     topic = f"bench-text-{uuid.uuid4().hex[:8]}"
-    produced = produce(bootstrap, topic, [encode(f"t-{i}", y, text=t)
-                                          for i, (t, y) in enumerate(zip(texts, labels, strict=True))])
+    refs = [backbone_rate(sample, DAEMON_BATCH)]
+    print(f"  backbone in process, calls of {DAEMON_BATCH}: {refs[0]:,.1f} sentences/s", flush=True)
+    daemon: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="eddy-bench-text-") as tmp:
-        daemon = daemon_rate(bootstrap, topic, n, Path(tmp), {})
-    print(f"  daemon text e2e: {daemon['events_per_s']:,.1f} events/s", flush=True)
-    after = backbone_rate(sample, DAEMON_BATCH)
-    print(f"  backbone in process, calls of {DAEMON_BATCH} (after): {after:,.1f} sentences/s", flush=True)
+        runner = DaemonRounds(bootstrap, topic, Path(tmp), {})
+        for r in range(rounds):
+            chunk = range(r * per_round, (r + 1) * per_round)
+            produce(bootstrap, topic, [encode(f"t-{i}", labels[i], text=texts[i]) for i in chunk])
+            daemon.append(runner.round(per_round))
+            refs.append(backbone_rate(sample, DAEMON_BATCH))
+            print(f"  round {r + 1}/{rounds}: daemon {daemon[-1]['events_per_s']:,.1f} events/s, backbone "
+                  f"{refs[-1]:,.1f} sentences/s", flush=True)
     small = backbone_rate(sample)
     print(f"  backbone in process, calls of 64: {small:,.1f} sentences/s", flush=True)
-    backbone = (before + after) / 2
-    return {"events": n, "backbone_texts": len(sample), "produce_seconds": produced,
-            f"backbone_calls_of_{DAEMON_BATCH}_sentences_per_s": [before, after],
-            "backbone_calls_of_64_sentences_per_s": small, "daemon": daemon,
-            "text_e2e_vs_backbone_ratio": daemon["events_per_s"] / backbone,
-            "text_e2e_vs_backbone_calls_of_64_ratio": daemon["events_per_s"] / small}
+    ratios, ratio = _median_of_rounds([d["events_per_s"] for d in daemon], refs)
+    return {"rounds": rounds, "events_per_round": per_round, "backbone_texts": len(sample),
+            f"backbone_calls_of_{DAEMON_BATCH}_sentences_per_s": refs,
+            "backbone_calls_of_64_sentences_per_s": small, "daemon": daemon, "round_ratios": ratios,
+            "text_e2e_vs_backbone_ratio": ratio,
+            "text_e2e_vs_backbone_calls_of_64_ratio": float(np.median([d["events_per_s"] for d in daemon])) / small}
 
 
-def features_part(bootstrap: str, n: int) -> dict[str, Any]:
-    """Daemon features e2e vs bare kafka-python consumption of the same topic, side by side."""
+LEAN = {"EDDY_HEAD__EXPANSION_WIDTH": "0", "EDDY_MEMORY__MAX_ITEMS": "0", "EDDY_MEMORY__ERROR_COMPENSATION": "false"}
+# (name, daemon settings, features as base64 float32, rounds: None = the key's rounds, else 1)
+FEATURE_VARIANTS: tuple[tuple[str, dict[str, str], bool], ...] = (
+    ("default config, JSON arrays", {}, False),
+    ("default config, base64 float32", {}, True),
+    ("lean (ridge M=0, no replay memory, no compensation), JSON arrays", LEAN, False),
+    ("lean (ridge M=0, no replay memory, no compensation), base64 float32", LEAN, True),
+)
+
+
+def features_part(bootstrap: str, rounds: int, per_round: int) -> dict[str, Any]:
+    """Daemon features e2e vs bare kafka-python consumption of the same messages, side by side.
+
+    The key uses the default config and JSON arrays, in rounds (raw consume of the round's
+    messages before and after each daemon round; median of the per-round ratios). Beside it, one
+    round each: base64 float32 features, and a lean config whose head costs next to nothing, to
+    show how much of the gap is the default head's own math; and the default head learning the
+    same features in process with no Kafka at all (the ceiling its math sets).
+    """
     from service.events import encode
 
-    _, labels, X = banking77(n, seed=2)
-    topic = f"bench-features-{uuid.uuid4().hex[:8]}"
-    values = [encode(f"f-{i}", y, features=row) for i, (row, y) in enumerate(zip(X.tolist(), labels, strict=True))]
-    produced = produce(bootstrap, topic, values)
-    before = raw_consume_rate(bootstrap, topic, n)
-    print(f"  raw kafka-python consume: {before:,.0f} messages/s", flush=True)
-    with tempfile.TemporaryDirectory(prefix="eddy-bench-features-") as tmp:
-        daemon = daemon_rate(bootstrap, topic, n, Path(tmp), {})
-    print(f"  daemon features e2e: {daemon['events_per_s']:,.0f} events/s", flush=True)
-    after = raw_consume_rate(bootstrap, topic, n)
-    print(f"  raw kafka-python consume (after): {after:,.0f} messages/s", flush=True)
-    consume = (before + after) / 2
-    return {"events": n, "message_bytes_mean": float(np.mean([len(v) for v in values])),
-            "produce_seconds": produced, "raw_consume_messages_per_s": [before, after], "daemon": daemon,
-            "features_e2e_vs_consume_ratio": daemon["events_per_s"] / consume}
+    _, labels, X = banking77(rounds * per_round + 1_000, seed=2)
+    out: dict[str, Any] = {"rounds": rounds, "events_per_round": per_round, "variants": {}}
+    for v, (name, env, b64) in enumerate(FEATURE_VARIANTS):
+        n_rounds = rounds if v == 0 else 1
+        topic = f"bench-features-{uuid.uuid4().hex[:8]}"
+        sizes: list[int] = []
+        raws: list[float] = []
+        daemon: list[dict[str, Any]] = []
+        with tempfile.TemporaryDirectory(prefix="eddy-bench-features-") as tmp:
+            runner = DaemonRounds(bootstrap, topic, Path(tmp), env)
+            for r in range(n_rounds):
+                chunk = range(r * per_round, (r + 1) * per_round)
+                values = [encode(f"f-{i}", labels[i], features=X[i], base64_features=b64) for i in chunk]
+                sizes += [len(value) for value in values]
+                produce(bootstrap, topic, values)
+                if not raws:
+                    raws.append(raw_consume_rate(bootstrap, topic, chunk.start, per_round))
+                daemon.append(runner.round(per_round))
+                raws.append(raw_consume_rate(bootstrap, topic, chunk.start, per_round))
+                print(f"  {name}, round {r + 1}/{n_rounds}: daemon {daemon[-1]['events_per_s']:,.0f} events/s, "
+                      f"raw consume {raws[-2]:,.0f} / {raws[-1]:,.0f} messages/s", flush=True)
+        ratios, ratio = _median_of_rounds([d["events_per_s"] for d in daemon], raws)
+        out["variants"][name] = {"settings": env, "base64_features": b64, "message_bytes_mean": float(np.mean(sizes)),
+                                 "raw_consume_messages_per_s": raws, "daemon": daemon, "round_ratios": ratios,
+                                 "e2e_vs_consume_ratio": ratio}
+    head = [eddy_rate({"expansion_width": 2048, "lam": "gcv"}, X[:per_round + 1_000], labels[:per_round + 1_000],
+                      1_000) for _ in range(rounds)]
+    key = out["variants"][FEATURE_VARIANTS[0][0]]
+    daemon_rate = float(np.median([d["events_per_s"] for d in key["daemon"]]))
+    print(f"  default head alone, in process, batches of {DAEMON_BATCH}: {np.median(head):,.0f} events/s", flush=True)
+    out.update(head_alone_events_per_s=head,
+               features_e2e_vs_head_alone_ratio=daemon_rate / float(np.median(head)),
+               head_alone_vs_consume_ratio=float(np.median(head)) / float(np.median(key["raw_consume_messages_per_s"])),
+               features_e2e_vs_consume_ratio=key["e2e_vs_consume_ratio"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -343,14 +407,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("== learn rate on precomputed features", flush=True)
         doc["learn"] = learn_part(args.quick)
     if args.part in ("text", "features", "all"):
-        n_text, n_backbone, n_feat = (1_024, 512, 10_000) if args.quick else (10_000, 2_048, 40_000)
+        rounds, n_text, n_backbone, n_feat = (2, 1_024, 512, 5_000) if args.quick else (3, 3_500, 2_048, 15_000)
         with Broker() as broker:
             if args.part in ("text", "all"):
-                print(f"== text end to end ({n_text} events)", flush=True)
-                doc["text"] = text_part(broker.bootstrap, n_text, n_backbone)
+                print(f"== text end to end ({rounds} rounds of {n_text} events)", flush=True)
+                doc["text"] = text_part(broker.bootstrap, rounds, n_text, n_backbone)
             if args.part in ("features", "all"):
-                print(f"== features end to end ({n_feat} events)", flush=True)
-                doc["features"] = features_part(broker.bootstrap, n_feat)
+                print(f"== features end to end ({rounds} rounds of {n_feat} events)", flush=True)
+                doc["features"] = features_part(broker.bootstrap, rounds, n_feat)
     doc["ratios"] = {key: _ratio(doc, key) for key in TARGETS}
     doc["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -54,15 +54,10 @@ def run_daemon(settings: Settings, *, role: str = "all") -> int:
     stop = threading.Event()
     _install_signals(stop)
     if settings.head.blas_threads:
-        # The learner shares two or so cores with the backbone and the gRPC server: BLAS threads
-        # fighting over them ran the ridge update ~6x slower than one thread (bench/heads.py).
-        from threadpoolctl import threadpool_limits
+        from service.threads import limit_native_threads
 
-        threadpool_limits(settings.head.blas_threads, user_api="blas")
-        # Same for FAISS's OpenMP: one-query searches ran ~20x faster with one thread under load.
-        import faiss
-
-        faiss.omp_set_num_threads(settings.head.blas_threads)
+        pools = limit_native_threads(settings.head.blas_threads)
+        log.debug("native thread pools: %s", pools)
     daemon = Daemon(settings, role=role)
     try:
         asyncio.run(daemon.run(stop))
@@ -311,7 +306,8 @@ def group_consumer(k: KafkaSettings, security: ClientSecurity, *, client_id: str
     return make_consumer(k.bootstrap_servers, group_id=k.group_id, topics=None, security=security,
                          session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
                          max_poll_records=k.batch_max_events, auto_offset_reset=k.auto_offset_reset,
-                         client_id=client_id, reconnect_backoff_max_ms=k.reconnect_backoff_max_ms)
+                         client_id=client_id, reconnect_backoff_max_ms=k.reconnect_backoff_max_ms,
+                         max_partition_fetch_bytes=k.max_partition_fetch_bytes)
 
 
 def _secret(value: Any) -> str | None:

@@ -1,14 +1,16 @@
 """The event contract: frozen event types and ``decode(bytes) -> Event | Rejection``.
 
 A labeled event is a JSON object with ``id`` (non-empty string), ``label`` (non-empty string of at
-most 256 characters), exactly one of ``text`` (string) or ``features`` (array of finite numbers
-whose length equals the configured dimension), and optional ``ts`` (number) and ``meta`` (object).
+most 256 characters), exactly one of ``text`` (string) or ``features`` (finite numbers, as many as
+the configured dimension: a JSON array, or a base64 string of little-endian float32 values), and
+optional ``ts`` (number) and ``meta`` (object).
 Anything else is rejected with a reason code; rejections are data, never exceptions, so a bad
 event can never stop the loop.
 """
 
 from __future__ import annotations
 
+import binascii
 import json
 import math
 from dataclasses import dataclass
@@ -180,8 +182,11 @@ _NUMBER_TYPES = frozenset({float, int})
 
 
 def _features(value: Any, dim: int, maybe_bools: bool) -> np.ndarray:
+    if isinstance(value, str):
+        return _base64_features(value, dim)
     if not isinstance(value, list):
-        raise _BadEvent("bad_type", f"'features' must be an array of numbers, got {type(value).__name__}")
+        raise _BadEvent("bad_type", "'features' must be an array of numbers or a base64 string of float32, "
+                                    f"got {type(value).__name__}")
     if len(value) != dim:
         raise _BadEvent("wrong_dimension", f"got {len(value)} features, expected {dim}")
     # Exact types: bool is a subclass of int and must not pass as a number.
@@ -199,13 +204,36 @@ def _features(value: Any, dim: int, maybe_bools: bool) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def _base64_features(value: str, dim: int) -> np.ndarray:
+    """Features from base64 (standard alphabet, padded) of ``dim`` little-endian float32.
+
+    ~3x cheaper to decode than a JSON array of the same numbers, and a quarter of the bytes.
+    """
+    try:
+        raw = binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise _BadEvent("bad_type", "'features' as a string must be base64 of little-endian float32 values") from None
+    if len(raw) != 4 * dim:
+        got = f"{len(raw) // 4} float32" if len(raw) % 4 == 0 else f"{len(raw)} bytes"
+        raise _BadEvent("wrong_dimension", f"got {got} in base64 'features', expected {dim} ({4 * dim} bytes)")
+    arr = np.frombuffer(raw, dtype="<f4").astype(np.float32)  # a writable, native-order copy
+    if not np.isfinite(arr).all():
+        raise _BadEvent("non_finite", "'features' must be finite float32 numbers")
+    return arr
+
+
 def encode(event_id: str, label: str, *, text: str | None = None, features: Any = None,
-           ts: float | None = None, meta: dict[str, Any] | None = None) -> bytes:
-    """Serialise an event to the wire format (used by ``eddy produce``, tests and benchmarks)."""
+           ts: float | None = None, meta: dict[str, Any] | None = None, base64_features: bool = False) -> bytes:
+    """Serialise an event to the wire format (used by ``eddy produce``, tests and benchmarks).
+
+    ``base64_features`` writes ``features`` as base64 little-endian float32 instead of a JSON array.
+    """
     obj: dict[str, Any] = {"id": event_id, "label": label}
     if text is not None:
         obj["text"] = text
-    if features is not None:
+    if features is not None and base64_features:
+        obj["features"] = binascii.b2a_base64(np.asarray(features, dtype="<f4").tobytes(), newline=False).decode()
+    elif features is not None:
         obj["features"] = [float(v) for v in features]
     if ts is not None:
         obj["ts"] = ts
@@ -227,11 +255,21 @@ def json_schema(dim: int) -> dict[str, Any]:
                    "description": "unique per event; repeats within the dedupe window are skipped"},
             "label": {"type": "string", "minLength": 1, "maxLength": MAX_LABEL_CHARS},
             "text": {"type": "string", "minLength": 1, "description": "embedded by the backbone"},
-            "features": {"type": "array", "items": {"type": "number"}, "minItems": dim, "maxItems": dim,
-                         "description": f"precomputed finite features of length {dim}"},
+            "features": {"oneOf": [
+                {"type": "array", "items": {"type": "number"}, "minItems": dim, "maxItems": dim,
+                 "description": f"precomputed finite features of length {dim}"},
+                {"type": "string", "contentEncoding": "base64", "minLength": _b64_length(dim),
+                 "maxLength": _b64_length(dim),
+                 "description": f"the same as base64 of {dim} little-endian float32 ({4 * dim} bytes)"},
+            ]},
             "ts": {"type": "number", "description": "producer timestamp, seconds since the epoch"},
             "meta": {"type": "object"},
         },
         "oneOf": [{"required": ["text"], "not": {"required": ["features"]}},
                   {"required": ["features"], "not": {"required": ["text"]}}],
     }
+
+
+def _b64_length(dim: int) -> int:
+    """Characters of padded base64 for ``dim`` float32."""
+    return 4 * ((4 * dim + 2) // 3)

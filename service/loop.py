@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,7 +48,10 @@ from service.window import RecentRows
 log = logging.getLogger(__name__)
 
 EXPORT_SHARE = 1 / 3  # of wall time, at most, spent on routine exports (caught up)
-BACKLOG_EXPORT_SHARE = 1 / 10  # the same while the consumer works off a backlog
+BACKLOG_EXPORT_SHARE = 1 / 20  # the same while the consumer works off a backlog
+# A poll returns all that kafka-python has buffered (bounded by max_partition_fetch_bytes per
+# partition); LearnLoop.step says why.
+POLL_ALL = 1 << 30
 CALIBRATION_SAMPLE = 1024  # memory items the temperature is fitted on (bench/calibration.py)
 
 
@@ -98,7 +102,8 @@ class LearnLoop:
         self._log_timer = Interval(options.log_every_seconds)
         self._exporting: Future[tuple[_ExportJob, ExportResult, float]] | None = None
         self._export_cost = 0.0  # seconds the last export job took (solve, refit, gates, swap)
-        self._backlog = False  # the last poll filled a whole batch: more is waiting
+        self._backlog = False  # more is waiting than one batch holds
+        self._buffered: deque[Record] = deque()  # polled, not yet learned (learned before the next poll)
         self._urgent = False
         self._outage_backoff = 0.0
         self._revoked = False  # set on kafka-python's IO thread; the snapshot runs on ours
@@ -154,27 +159,21 @@ class LearnLoop:
         self._snapshot_pool.shutdown()
 
     def step(self) -> None:
-        """One poll-learn-maybe-export-maybe-snapshot cycle."""
+        """One poll-learn-maybe-export-maybe-snapshot cycle.
+
+        A poll takes every record kafka-python has buffered, and each step learns at most
+        ``batch_max_events`` of them; the next poll waits until they are all learned. Why: with
+        records left in its buffer, kafka-python 3.0.12 sends the next fetch for the other
+        partitions alone (the control topic's, which is empty), and the broker holds that
+        request for ``fetch.max.wait.ms`` (500 ms) before the events partition can be fetched
+        again. Leaving half of each fetch buffered made the daemon 3-10x slower than a bare
+        consumer (bench/throughput.py).
+        """
         self.alive.set()
-        try:
-            polled = self.consumer.poll(timeout_ms=self.opt.poll_timeout_ms, max_records=self.opt.batch_max_events)
-        except KafkaError as exc:
-            self._broker_trouble(exc)
+        if not self._buffered and not self._poll():
             return
-        self._outage_backoff = 0.0
-        self._backlog = sum(len(msgs) for msgs in polled.values()) >= self.opt.batch_max_events
-        if self._revoked:
-            self._revoked = False
-            self.snapshot("revoke", commit=False)
-        now = time.time()
-        events: list[Record] = []
-        for tp, msgs in polled.items():
-            for m in msgs:
-                rec = Record(tp.topic, tp.partition, m.offset, m.value, tuple(m.headers or ()), now)
-                if tp.topic == self.opt.control_topic:
-                    self._control(rec)
-                else:
-                    events.append(rec)
+        events = [self._buffered.popleft() for _ in range(min(self.opt.batch_max_events, len(self._buffered)))]
+        self._backlog = bool(self._buffered) or len(events) >= self.opt.batch_max_events
         if events:
             self._learn(events)
         self._run_tasks()
@@ -182,6 +181,30 @@ class LearnLoop:
         self._collect_snapshot()
         self._maybe_snapshot()
         self._maybe_log()
+
+    def _poll(self) -> bool:
+        """Poll everything kafka-python has buffered: events into ``_buffered``, control records applied.
+
+        Returns False when the broker could not be reached (already reported and backed off).
+        """
+        try:
+            polled = self.consumer.poll(timeout_ms=self.opt.poll_timeout_ms, max_records=POLL_ALL)
+        except KafkaError as exc:
+            self._broker_trouble(exc)
+            return False
+        self._outage_backoff = 0.0
+        if self._revoked:
+            self._revoked = False
+            self.snapshot("revoke", commit=False)
+        now = time.time()
+        for tp, msgs in polled.items():
+            for m in msgs:
+                rec = Record(tp.topic, tp.partition, m.offset, m.value, tuple(m.headers or ()), now)
+                if tp.topic == self.opt.control_topic:
+                    self._control(rec)
+                else:
+                    self._buffered.append(rec)
+        return True
 
     def _broker_trouble(self, exc: Exception) -> None:
         """The broker is unreachable: report it, keep serving and answering admin calls, back off."""
@@ -472,8 +495,9 @@ def routine_export_affordable(since: float, cost: float, backlog: bool) -> bool:
     """Whether a routine export may start ``since`` seconds after the last one began, which took ``cost``.
 
     Routine exports share the cores with the backbone and the learner: they take at most a third
-    of the time, a tenth while a backlog is worked off (the served model trails by the backlog
-    anyway, and the cores are better spent closing it).
+    of the time, a twentieth while a backlog is worked off (the served model trails by the backlog
+    anyway, and the cores are better spent closing it: an export's ~0.2-0.5 s of one core stalls
+    both of ONNX Runtime's threads, so it cost the text backlog about twice its own CPU time).
     """
     return since * (BACKLOG_EXPORT_SHARE if backlog else EXPORT_SHARE) >= cost
 

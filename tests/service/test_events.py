@@ -1,3 +1,4 @@
+import base64
 import json
 
 import numpy as np
@@ -83,8 +84,41 @@ def test_random_bytes_never_raise():
 
 def test_schema_mentions_dimension():
     schema = json_schema(384)
-    assert schema["properties"]["features"]["minItems"] == 384
+    array, b64 = schema["properties"]["features"]["oneOf"]
+    assert array["minItems"] == array["maxItems"] == 384
+    assert b64["minLength"] == b64["maxLength"] == len(base64.b64encode(bytes(4 * 384)))
     assert schema["additionalProperties"] is False
+
+
+def test_base64_features_decode_bit_exact():
+    x = np.array([0.1, -2.5e-8, 3.0e38, -0.0], dtype=np.float32)
+    raw = encode("b1", "tech", features=x, base64_features=True)
+    assert json.loads(raw)["features"] == base64.b64encode(x.astype("<f4").tobytes()).decode()
+    ev = dec(raw)
+    assert isinstance(ev, Event) and ev.features is not None and ev.features.dtype == np.float32
+    assert ev.features.tobytes() == x.tobytes()
+    ev.features[0] = 1.0  # a private, writable copy of the message's bytes
+
+
+def _b64_event(payload: bytes | str) -> bytes:
+    text = payload if isinstance(payload, str) else base64.b64encode(payload).decode()
+    return json.dumps({"id": "b2", "label": "x", "features": text}).encode()
+
+
+@pytest.mark.parametrize(("payload", "reason", "says"), [
+    (np.zeros(DIM + 1, "<f4").tobytes(), "wrong_dimension", "got 5 float32"),
+    (np.zeros(DIM, "<f8").tobytes(), "wrong_dimension", "expected 4 (16 bytes)"),
+    (b"\x00" * 7, "wrong_dimension", "got 7 bytes"),
+    (np.array([0.0, np.nan, 0.0, 0.0], "<f4").tobytes(), "non_finite", "finite"),
+    (np.array([0.0, 0.0, np.inf, 0.0], "<f4").tobytes(), "non_finite", "finite"),
+    ("AAAA!AAA", "bad_type", "base64"),
+    ("AAAAAAAAAAAAAAAAAAAAAA=", "bad_type", "base64"),  # bad padding
+    ("", "wrong_dimension", "got 0 float32"),
+])
+def test_bad_base64_features_are_rejections_that_say_why(payload, reason, says):
+    got = dec(_b64_event(payload))
+    assert isinstance(got, Rejection)
+    assert got.reason == reason and says in got.detail
 
 
 @pytest.mark.parametrize(
