@@ -379,6 +379,27 @@ def _f(x: float | None, width: int = 7) -> str:
 COLORS = {"eddy": "C0", "river": "C1", "avalanche": "C2", "blind": "C7"}
 
 
+def _line_styles(groups: list[str]) -> list[tuple[Any, str]]:
+    """A colour and marker per run: each group keeps its hue (eddy blue-red, River orange, ...) and
+    every method within it gets its own shade and marker, so five River lines stay tellable apart."""
+    from matplotlib import colormaps
+
+    maps = {"eddy": ["C0", "C3", "C4", "C5"], "avalanche": ["C2"], "blind": ["C7", "0.45"]}
+    markers = "o^sDv"
+    seen: dict[str, int] = {}
+    out: list[tuple[Any, str]] = []
+    n_river = groups.count("river")
+    for group in groups:
+        k = seen[group] = seen.get(group, -1) + 1
+        if group == "river":
+            color: Any = colormaps["Oranges"](0.45 + 0.5 * k / max(n_river - 1, 1))
+        else:
+            palette = maps.get(group, [COLORS.get(group, "k")])
+            color = palette[k % len(palette)]
+        out.append((color, markers[k % len(markers)]))
+    return out
+
+
 def plot(doc: dict[str, Any], folder: Path) -> None:
     """accuracy_over_time.png (banking77, class-incremental, first seed) and final_accuracy.png."""
     seed = doc["seeds"][0]
@@ -388,11 +409,11 @@ def plot(doc: dict[str, Any], folder: Path) -> None:
     for ax, (subset, key) in zip(axes, panels, strict=True):
         runs = [r for r in doc["runs"] if r["dataset"] == "banking77" and r["subset"] == subset
                 and r["order"] == "class-incremental" and r["seed"] == seed]
-        for j, r in enumerate(runs):
+        styles = _line_styles([r["group"] for r in runs])
+        for r, (color, marker) in zip(runs, styles, strict=True):
             points = [(e, a) for e, a in zip(r["curve"]["events"], r["curve"][key], strict=True) if a is not None]
             ax.plot([e for e, _ in points], [a for _, a in points], "--" if r["group"] == "blind" else "-",
-                    color=COLORS[r["group"]] if r["group"] != "eddy" else f"C{[0, 3, 4, 5][j % 4]}",
-                    marker=".", label=r["method"])
+                    color=color, marker=marker, markersize=3.5, label=r["method"])
         info = doc["datasets"].get("banking77", {}).get("subsets", {}).get(subset)
         if info:
             ax.axhline(info["joint_reference"]["accuracy"], color="grey", linestyle=":", label="joint offline LR")

@@ -19,6 +19,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+# The README carries the headline table only, between its own markers.
+README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
 NAMES = ("accuracy", "throughput", "footprint", "heads", "backbone", "memory", "export", "serving",
          "heads_banking77", "grpc_latency")
 Results = dict[str, dict[str, Any]]
@@ -143,8 +145,12 @@ def _headline(results: Results, summary: dict[str, Any]) -> str:
         value, target = summary.get(key), targets.get(key)
         met = "-" if value is None or target is None else ("yes" if value >= target else "**no**")
         rows.append([f"`{key}`", _fmt(value, 2), f">= {target}" if target else "-", met])
+    river = summary.get("banking77_river_best_final_accuracy")
     for key, value in summary.items():
-        if key.startswith("banking77_") and not isinstance(value, str | dict):
+        if key == "banking77_ridge_final_accuracy" and value is not None:
+            met = value >= 0.925 and (river is None or value >= river + 0.05)
+            rows.append([f"`{key}`", _fmt(value), ">= 0.925 and >= River best + 0.05", "yes" if met else "**no**"])
+        elif key.startswith("banking77_") and not isinstance(value, str | dict):
             rows.append([f"`{key}`", _fmt(value), "", ""])
         elif key.startswith("banking77_") and isinstance(value, str):
             rows.append([f"`{key}`", value, "", ""])
@@ -315,18 +321,20 @@ def render(results: Results, summary: dict[str, Any], folder: str = "bench/resul
     return "\n".join(parts) + "\n"
 
 
-def replace_section(text: str, section: str) -> str:
+def replace_section(text: str, section: str, start: str = START, end: str = END) -> str:
     """``text`` with everything between the markers replaced by ``section`` (markers appended if absent)."""
-    if START in text and END in text and text.index(START) < text.index(END):
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        return f"{head}{START}\n{section}{END}{tail}"
-    return f"{text.rstrip()}\n\n## Results\n\n{START}\n{section}{END}\n"
+    if start in text and end in text and text.index(start) < text.index(end):
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        return f"{head}{start}\n{section}{end}{tail}"
+    return f"{text.rstrip()}\n\n## Results\n\n{start}\n{section}{end}\n"
 
 
-def write_report(results_dir: Path, markdown: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_report(results_dir: Path, markdown: Path, extra: dict[str, Any] | None = None,
+                 readme: Path | None = None) -> dict[str, Any]:
     """Write ``summary.json`` next to the results and regenerate the section of ``markdown``.
 
+    ``readme``, if it has the headline markers, gets the headline table between them.
     ``extra`` (e.g. run_all's machine info and per-module status) is merged into the summary.
     """
     results = load_results(results_dir)
@@ -341,6 +349,10 @@ def write_report(results_dir: Path, markdown: Path, extra: dict[str, Any] | None
         rel = str(folder)
     text = Path(markdown).read_text() if Path(markdown).exists() else "# Benchmarks\n"
     Path(markdown).write_text(replace_section(text, render(results, summary, rel)))
+    if readme is not None and readme.exists() and README_START in (readme_text := readme.read_text()):
+        headline = ("_Generated from bench/results/summary.json by `make bench`; do not edit._\n\n"
+                    + _headline(results, summary) + "\n")
+        readme.write_text(replace_section(readme_text, headline, README_START, README_END))
     return summary
 
 
@@ -349,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args(argv)
-    summary = write_report(args.results, args.markdown)
+    summary = write_report(args.results, args.markdown, readme=REPO / "README.md")
     for key, value in summary.items():
         if key not in ("definitions", "machine"):
             print(f"{key:<52}{_fmt(value)}")

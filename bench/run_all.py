@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[module.name] = run_module(module, args.quick)
     extra = {"run_all": {"quick": args.quick, "modules": runs, "seconds": time.perf_counter() - started,
                          "machine": machine}}
-    summary = write_report(RESULTS, REPO / "BENCHMARKS.md", extra)
+    summary = write_report(RESULTS, REPO / "BENCHMARKS.md", extra, readme=REPO / "README.md")
     print(f"\nsummary ({'quick' if args.quick else 'full'} run, {time.perf_counter() - started:.0f} s):")
     for key, value in summary.items():
         if key not in ("definitions", "machine", "run_all"):

@@ -69,7 +69,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     s = _settings(args)
     n = produce_file(Path(args.file), bootstrap=args.bootstrap or s.kafka.bootstrap_servers,
                      topic=args.topic or s.kafka.topic, text_col=args.text_col, label_col=args.label_col,
-                     features_col=args.features_col, rate=args.rate, limit=args.limit, id_prefix=args.id_prefix)
+                     features_col=args.features_col, rate=args.rate, limit=args.limit, id_prefix=args.id_prefix,
+                     base64_features=args.base64_features)
     print(f"produced {n} events to {args.topic or s.kafka.topic}")
     return 0
 
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--text-col", default="text")
     sp.add_argument("--label-col", default="label")
     sp.add_argument("--features-col")
+    sp.add_argument("--base64-features", action="store_true",
+                    help="send features as base64 float32 (a quarter of the bytes, cheaper to decode)")
     sp.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
     sp.add_argument("--limit", type=int)
     sp.add_argument("--id-prefix")

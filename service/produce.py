@@ -105,23 +105,25 @@ def parse_features(value: Any) -> list[float]:
     return [float(v) for v in text.replace(",", " ").split()]
 
 
-def row_event(row: Row, event_id: str, *, text_col: str, label_col: str, features_col: str | None) -> bytes:
+def row_event(row: Row, event_id: str, *, text_col: str, label_col: str, features_col: str | None,
+              base64_features: bool = False) -> bytes:
     """The wire bytes of one row (``features_col`` wins over ``text_col`` when given)."""
     label = str(row[label_col])
     if features_col is not None:
-        return encode(event_id, label, features=parse_features(row[features_col]))
+        return encode(event_id, label, features=parse_features(row[features_col]), base64_features=base64_features)
     return encode(event_id, label, text=str(row[text_col]))
 
 
 def produce_file(path: Path, *, bootstrap: str, topic: str, text_col: str = "text", label_col: str = "label",
                  features_col: str | None = None, rate: float | None = None, limit: int | None = None,
                  id_prefix: str | None = None, progress: bool = True,
-                 security: ClientSecurity | None = None) -> int:
+                 security: ClientSecurity | None = None, base64_features: bool = False) -> int:
     """Send the rows of ``path`` to ``topic`` as labeled events; return how many were acknowledged.
 
     Event ids are ``f"{id_prefix or path.stem}-{row index}"`` (0-based, counting data rows), also
     used as message keys. ``rate`` caps the send rate in events per second (token bucket);
-    ``limit`` stops after that many rows. The file is streamed, never loaded whole. Raises
+    ``limit`` stops after that many rows; ``base64_features`` sends features as base64 float32.
+    The file is streamed, never loaded whole. Raises
     ``ValueError`` for a missing file or column (the message names the columns found) and
     ``BrokerError`` when the broker cannot be reached or did not acknowledge every event.
     """
@@ -140,7 +142,7 @@ def produce_file(path: Path, *, bootstrap: str, topic: str, text_col: str = "tex
         with _progress(progress, limit, topic) as bar:
             for index, row in enumerate(_chain(first, rows)):
                 value = row_event(row, f"{prefix}-{index}", text_col=text_col, label_col=label_col,
-                                  features_col=features_col)
+                                  features_col=features_col, base64_features=base64_features)
                 if bucket is not None:
                     bucket.acquire()
                 future = producer.send(topic, value=value, key=f"{prefix}-{index}".encode())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.report import END, START, replace_section, summarize, write_report
+from bench.report import END, README_END, README_START, START, replace_section, summarize, write_report
 
 
 def _agg(subset: str, method: str, group: str, order: str, final: float, preq: float) -> dict:
@@ -83,6 +83,17 @@ def test_report_replaces_only_the_marked_section_and_is_idempotent(tmp_path: Pat
     assert saved["machine"]["load_average_at_start"] == [9.5, 8.0, 7.0]
     write_report(tmp_path, md, {"run_all": {"quick": True}})
     assert md.read_text() == text
+
+
+def test_readme_gets_the_headline_table_between_its_own_markers(tmp_path: Path) -> None:
+    fake_results(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# eddy\n\nIntro.\n\n{README_START}\nold table\n{README_END}\n\nMore prose.\n")
+    write_report(tmp_path, tmp_path / "BENCHMARKS.md", readme=readme)
+    text = readme.read_text()
+    assert "old table" not in text and "Intro." in text and text.rstrip().endswith("More prose.")
+    assert "| `text_e2e_vs_backbone_ratio` | 0.70 | >= 0.85 | **no** |" in text
+    assert "Hand-written" not in text and START not in text  # only the headline, not the whole section
 
 
 def test_no_results_at_all_gives_a_report_not_an_error(tmp_path: Path) -> None:

@@ -60,12 +60,15 @@ def test_jsonl_with_custom_columns_prefix_and_limit(kafka_bootstrap: str, topic_
 
 
 @pytest.mark.kafka
-def test_feature_rows(kafka_bootstrap: str, topic_name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("base64_features", [False, True])
+def test_feature_rows(kafka_bootstrap: str, topic_name: str, tmp_path: Path, base64_features: bool) -> None:
     rows = [{"vec": "[0.5, 1, -2]", "label": "a"}, {"vec": "1 2 3", "label": "b"}]
     path = _write_csv(tmp_path / "f.csv", rows)
     assert produce_file(path, bootstrap=kafka_bootstrap, topic=topic_name, features_col="vec",
-                        progress=False) == 2
-    events = _events(consume(kafka_bootstrap, topic_name, 2))
+                        progress=False, base64_features=base64_features) == 2
+    records = consume(kafka_bootstrap, topic_name, 2)
+    assert all(isinstance(json.loads(r.value)["features"], str) == base64_features for r in records)
+    events = _events(records)
     assert events["f-0"].features.tolist() == [0.5, 1.0, -2.0]
     assert events["f-1"].features.tolist() == [1.0, 2.0, 3.0]
 
