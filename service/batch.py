@@ -123,6 +123,18 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
     return out
 
 
+def texts_of(records: Sequence[Record], *, dim: int, max_event_bytes: int) -> list[str]:
+    """The texts of the valid text events among ``records`` (what ``learn_batch`` may embed)."""
+    texts = []
+    for rec in records:
+        if rec.value is None or b'"text"' not in rec.value:  # a features event: no need to decode it
+            continue
+        decoded = decode(rec.value, dim=dim, max_bytes=max_event_bytes)
+        if isinstance(decoded, Event) and decoded.text is not None:
+            texts.append(decoded.text)
+    return texts
+
+
 def _features(events: list[tuple[Record, Event]], embed: Embed | None, dim: int,
               out: BatchOutcome) -> tuple[np.ndarray, list[tuple[Record, Event]]]:
     """Stack features in event order, embedding texts in one call; failures become dead letters."""

@@ -36,8 +36,9 @@ from learner.heads.base import Head
 from learner.heldout import fit_heldout_temperature
 from memory.compensation import Compensator
 from service import metrics
-from service.batch import Embed, Predict, Record, learn_batch, report, tp_key
+from service.batch import Embed, Predict, Record, learn_batch, report, texts_of, tp_key
 from service.checkpoint import SnapshotStore
+from service.embed_ahead import EmbedAhead
 from service.errors import BackboneUnavailable, EddyError
 from service.exporter import Exporter, ExportResult
 from service.forget import Refetch, apply_forget, parse_control
@@ -88,7 +89,8 @@ class LearnLoop:
         self.state = state
         self.store = store
         self.exporter = exporter
-        self.embed = embed
+        self.embed = embed  # forget's re-embedding calls it directly
+        self._embed_ahead = EmbedAhead(embed, options.dim) if embed is not None else None
         self.refetch = refetch
         self.opt = options
         self.predict = predict
@@ -153,6 +155,9 @@ class LearnLoop:
             # No snapshot of a half-applied batch: a restart replays from the last good snapshot.
             self._export_pool.shutdown(wait=False, cancel_futures=True)
             raise
+        finally:
+            if self._embed_ahead is not None:  # no thread left inside the encoder at exit
+                self._embed_ahead.close()
         self._collect_export(wait=True)
         self._export_pool.shutdown()
         self.snapshot("shutdown")
@@ -174,6 +179,9 @@ class LearnLoop:
             return
         events = [self._buffered.popleft() for _ in range(min(self.opt.batch_max_events, len(self._buffered)))]
         self._backlog = bool(self._buffered) or len(events) >= self.opt.batch_max_events
+        if self._embed_ahead is not None and self._buffered:
+            upcoming = [self._buffered[i] for i in range(min(self.opt.batch_max_events, len(self._buffered)))]
+            self._embed_ahead.queue_next(texts_of(upcoming, dim=self.opt.dim, max_event_bytes=self.opt.max_event_bytes))
         if events:
             self._learn(events)
         self._run_tasks()
@@ -220,7 +228,7 @@ class LearnLoop:
     # -- learning ----------------------------------------------------------------------------
     def _learn(self, records: list[Record]) -> None:
         start = time.perf_counter()
-        out = learn_batch(self.state, records, embed=self.embed, dim=self.opt.dim,
+        out = learn_batch(self.state, records, embed=self._embed_ahead, dim=self.opt.dim,
                           max_event_bytes=self.opt.max_event_bytes, predict=self.predict)
         report(out, self.dlq, time.perf_counter() - start)
         self.correct += out.correct

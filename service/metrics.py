@@ -36,7 +36,10 @@ LEARN_BATCH_SECONDS = Histogram(
     registry=REGISTRY,
 )
 EMBED_SECONDS = Histogram(
-    "eddy_embed_seconds", "Time to embed one batch of texts.", buckets=_SECONDS_BUCKETS, registry=REGISTRY
+    "eddy_embed_seconds",
+    "Time the learner waited for one batch's text embeddings (embedded ahead while the previous batch is learned).",
+    buckets=_SECONDS_BUCKETS,
+    registry=REGISTRY,
 )
 PREDICT_SECONDS = Histogram(
     "eddy_predict_seconds", "Prediction latency by RPC and input kind.", ["rpc", "input"],
