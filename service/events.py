@@ -10,6 +10,7 @@ event can never stop the loop.
 
 from __future__ import annotations
 
+import array
 import binascii
 import json
 import math
@@ -179,6 +180,7 @@ def _timestamp(value: Any) -> float | None:
 
 
 _NUMBER_TYPES = frozenset({float, int})
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _features(value: Any, dim: int, maybe_bools: bool) -> np.ndarray:
@@ -193,13 +195,14 @@ def _features(value: Any, dim: int, maybe_bools: bool) -> np.ndarray:
     if maybe_bools and not {type(v) for v in value} <= _NUMBER_TYPES:
         raise _BadEvent("bad_type", "'features' must contain only numbers")
     try:
-        arr = np.array(value)  # dtype inferred: strings, nulls or nesting give a non-numeric or 2-d array
-    except (ValueError, TypeError):  # ragged nesting
+        # array.array takes ints and floats only (strings, nulls, nesting: TypeError), at half the
+        # cost of np.array's type inference (~6 vs ~12 us for 384 numbers).
+        arr = np.frombuffer(array.array("d", value), dtype=np.float64)
+    except TypeError:
         raise _BadEvent("bad_type", "'features' must be a flat array of numbers") from None
-    if arr.ndim != 1 or arr.dtype.kind not in "fi":
-        raise _BadEvent("bad_type", "'features' must contain only numbers")
-    arr = arr.astype(np.float64, copy=False)
-    if not np.isfinite(arr).all() or np.abs(arr).max(initial=0.0) > np.finfo(np.float32).max:
+    except OverflowError:  # an integer beyond float range
+        raise _BadEvent("non_finite", "'features' must be finite float32 numbers") from None
+    if not np.abs(arr).max(initial=0.0) <= _FLOAT32_MAX:  # also false for NaN
         raise _BadEvent("non_finite", "'features' must be finite float32 numbers")
     return arr.astype(np.float32)
 
