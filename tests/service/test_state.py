@@ -72,3 +72,19 @@ def test_a_full_window_snapshots_without_walking_python_tuples():
     assert state["ids"][0] == "event-000050000" and len(state["ids"]) == 200_000
     assert state["locations"][-1] == (249_999 % 6) << 40 | 249_999
     assert seconds < 1.0, f"{seconds:.2f} s to capture 200,000 ids"
+
+
+@settings(max_examples=60, deadline=None)
+@given(capacity=st.integers(1, 6), before=st.integers(0, 15), after=st.integers(0, 15))
+def test_a_restored_window_goes_on_exactly_like_one_never_snapshotted(capacity, before, after):
+    live, restored = IdWindow(capacity), None
+    for i in range(before):
+        live.add(f"e{i}", i % 2, i, f"c{i % 3}")
+    restored = IdWindow.from_state_dict(live.state_dict())
+    for i in range(before, before + after):  # the ring wraps past the restored slots
+        live.add(f"e{i}", i % 2, i, f"c{i % 3}")
+        restored.add(f"e{i}", i % 2, i, f"c{i % 3}")
+    a, b = live.state_dict(), restored.state_dict()
+    assert a["ids"] == b["ids"] and a["locations"].tolist() == b["locations"].tolist()
+    assert [a["labels"][c] for c in a["label_codes"]] == [b["labels"][c] for c in b["label_codes"]]
+    assert all(restored.locate(i) == live.locate(i) for i in a["ids"])
