@@ -54,14 +54,16 @@ async def serve(variant: str, mode: str) -> None:
     from service.grpc.server import start_server, stop_server
     from service.served_model import ModelSlot
 
-    common.Predictor.__init__.__kwdefaults__["features_inline"] = mode == "inline"
+    # MODE: inline | executor, with "-nocoalesce" to embed each text request on its own.
+    common.Predictor.__init__.__kwdefaults__["features_inline"] = mode.startswith("inline")
     backbone = None
-    if variant == "text":
+    if variant.startswith("text"):
         from learner.backbone import load_backbone
 
-        backbone = load_backbone(threads=1, cache_dir=ROOT / ".eddy/cache")
+        # "text": one encoder thread (the c=1 latency numbers); "text-default": the daemon's default.
+        backbone = load_backbone(threads=1 if variant == "text" else 0, cache_dir=ROOT / ".eddy/cache")
     slot = ModelSlot()
-    slot.swap(build_model("linear" if variant == "text" else variant, backbone))
+    slot.swap(build_model("linear" if variant.startswith("text") else variant, backbone))
     server, port = await start_server(
         slot,
         host="127.0.0.1",
@@ -75,6 +77,7 @@ async def serve(variant: str, mode: str) -> None:
         predict_token=None,
         tls_cert=None,
         tls_key=None,
+        coalesce_texts=not mode.endswith("-nocoalesce"),
     )
     print(port, flush=True)
     await asyncio.get_running_loop().run_in_executor(

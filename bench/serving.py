@@ -391,9 +391,9 @@ def count_inconsistent(seed: int, clients: list[np.ndarray]) -> int:
 # 2. latency
 # ---------------------------------------------------------------------------------------------
 @contextmanager
-def server_child(variant: str) -> Iterator[str]:
-    """``bench/grpc_latency.py --serve <variant> inline`` in a child process; yields its address."""
-    command = [sys.executable, str(ROOT / "bench" / "grpc_latency.py"), "--serve", variant, "inline"]
+def server_child(variant: str, mode: str = "inline") -> Iterator[str]:
+    """``bench/grpc_latency.py --serve <variant> <mode>`` in a child process; yields its address."""
+    command = [sys.executable, str(ROOT / "bench" / "grpc_latency.py"), "--serve", variant, mode]
     child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         line = child.stdout.readline() if child.stdout else ""
@@ -484,8 +484,9 @@ async def oip_features(addr: str, concurrency: int, n: int, seed: int) -> dict[s
             "latency": summarize(lat)}
 
 
-async def eddy_v1_text(addr: str, texts: list[str], n: int, seconds: float | None = None) -> dict[str, Any]:
-    """eddy.v1 Predict(text) at concurrency 1 (``n`` requests, or as many as fit in ``seconds``)."""
+async def eddy_v1_text(addr: str, texts: list[str], n: int, seconds: float | None = None,
+                       concurrency: int = 1) -> dict[str, Any]:
+    """eddy.v1 Predict(text) at ``concurrency`` (``n`` requests, or as many as fit in ``seconds``)."""
     import grpc
 
     from service.grpc.gen.eddy.v1 import inference_pb2 as pb
@@ -495,8 +496,8 @@ async def eddy_v1_text(addr: str, texts: list[str], n: int, seconds: float | Non
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = pb_grpc.InferenceStub(channel)
         lat, failed, wall = await closed_loop(lambda i: stub.Predict(requests[i % len(requests)], timeout=30),
-                                              concurrency=1, n=n, warmup=10, seconds=seconds)
-    return {"endpoint": "eddy.v1 Predict(text)", "client": "grpc.aio, one channel", "concurrency": 1,
+                                              concurrency=concurrency, n=n, warmup=10, seconds=seconds)
+    return {"endpoint": "eddy.v1 Predict(text)", "client": "grpc.aio, one channel", "concurrency": concurrency,
             "failed": failed, "requests_per_s": len(lat) / wall, "latency": summarize(lat)}
 
 
@@ -535,6 +536,12 @@ def run_latency(plan: Plan, seed: int, cluster: Cluster, *, while_learning: bool
     with server_child("text") as addr:
         out["text_idle"] = asyncio.run(eddy_v1_text(addr, short_texts(seed), plan.text_requests))
     out["text_idle"]["server"] = "child process, MiniLM ONNX backbone (1 thread), idle"
+    # Concurrency 8 with the daemon's encoder threads: requests sharing encoder calls vs each alone.
+    for key, mode in (("text_c8_coalesced", "inline"), ("text_c8_per_request", "inline-nocoalesce")):
+        with server_child("text-default", mode) as addr:
+            out[key] = asyncio.run(eddy_v1_text(addr, short_texts(seed), 4 * plan.text_requests, concurrency=8))
+        out[key]["server"] = ("child process, MiniLM ONNX backbone (default threads), "
+                              f"serving.coalesce_texts={mode == 'inline'}")
     if while_learning:
         out["text_while_learning"] = daemon_section(lambda: text_while_learning(plan, seed, cluster))
     return out
@@ -919,6 +926,8 @@ def table_rows(parts: dict[str, Any]) -> list[tuple[str, str, str]]:
         for key, name, target in (("features_eddy_v1", "features c=8 eddy.v1", "p99 <= 5 ms"),
                                   ("features_oip_v2", "features c=8 OIP v2", "p99 <= 5 ms"),
                                   ("text_idle", "text c=1 idle", "p99 <= 60 ms"),
+                                  ("text_c8_coalesced", "text c=8, requests share encoder calls", ""),
+                                  ("text_c8_per_request", "text c=8, one encoder call per request", ""),
                                   ("text_while_learning", "text c=1 while learning", "p99 <= 60 ms")):
             r = lat.get(key, {})
             if "latency" in r:

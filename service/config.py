@@ -126,6 +126,8 @@ class ServingSettings(_Section):
     max_message_bytes: int = Field(4 * 1_048_576, gt=1024)
     max_batch: int = Field(1024, gt=0)
     max_text_chars: int = Field(10_000, gt=0)
+    # Concurrent text requests share encoder calls (one at a time, the queue goes in the next).
+    coalesce_texts: bool = True
     tls_cert: Path | None = None
     tls_key: Path | None = None
     admin_token: SecretStr | None = None

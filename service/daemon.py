@@ -147,7 +147,7 @@ class Daemon:
             self.slot, host=sv.host, port=sv.grpc_port, model_name=sv.model_name,
             max_message_bytes=sv.max_message_bytes, max_batch=sv.max_batch, max_text_chars=sv.max_text_chars,
             admin=DaemonAdmin(self), admin_token=_secret(sv.admin_token), predict_token=_secret(sv.predict_token),
-            tls_cert=sv.tls_cert, tls_key=sv.tls_key,
+            tls_cert=sv.tls_cert, tls_key=sv.tls_key, coalesce_texts=sv.coalesce_texts,
         )
         log.info("gRPC on %s:%d (eddy.v1, inference.GRPCInferenceService, health, reflection)", sv.host, port)
         return server

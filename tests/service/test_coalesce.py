@@ -1,0 +1,127 @@
+"""TextCoalescer: concurrent text requests share encoder calls; each still gets its own rows and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from service.errors import BackboneUnavailable
+from service.grpc.coalesce import TextCoalescer
+
+
+class GatedBackbone:
+    """Embeds a text as [len, first char code]; the first call waits for ``gate`` so others queue."""
+
+    identity = "fake"
+    dim = 2
+
+    def __init__(self, bad: str | None = None, unavailable: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.gate = threading.Event()
+        self.bad = bad
+        self.unavailable = unavailable
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        if len(self.calls) == 1:
+            self.gate.wait(5)
+        if self.unavailable:
+            raise BackboneUnavailable("loading")
+        if self.bad in texts:
+            raise ValueError(f"cannot embed {self.bad!r}")
+        return np.array([[len(t), ord(t[0])] for t in texts], dtype=np.float32)
+
+
+def rows(texts: Sequence[str]) -> np.ndarray:
+    return np.array([[len(t), ord(t[0])] for t in texts], dtype=np.float32)
+
+
+async def _first_then_queue(backbone: GatedBackbone, coalescer: TextCoalescer,
+                            queued: list[list[str]]) -> list[np.ndarray | BaseException]:
+    """One request starts (and blocks in the encoder), the others arrive meanwhile, then it is released."""
+    first = asyncio.ensure_future(coalescer.embed(backbone, ["warm"]))
+    while not backbone.calls:
+        await asyncio.sleep(0.001)
+    others = [asyncio.ensure_future(coalescer.embed(backbone, texts)) for texts in queued]
+    await asyncio.sleep(0.01)
+    backbone.gate.set()
+    return await asyncio.gather(first, *others, return_exceptions=True)
+
+
+def test_requests_that_arrive_during_a_call_share_the_next_one() -> None:
+    backbone = GatedBackbone()
+    queued = [["a", "bb"], ["ccc"], ["d", "ee", "f"]]
+    results = asyncio.run(_first_then_queue(backbone, TextCoalescer(max_texts=64), queued))
+    assert backbone.calls == [["warm"], ["a", "bb", "ccc", "d", "ee", "f"]]
+    for got, texts in zip(results, [["warm"], *queued], strict=True):
+        np.testing.assert_array_equal(got, rows(texts))
+
+
+def test_calls_hold_at_most_max_texts_and_never_split_a_request() -> None:
+    backbone = GatedBackbone()
+    queued = [["a", "b"], ["c", "d"], ["e"], ["f", "g", "h"]]
+    results = asyncio.run(_first_then_queue(backbone, TextCoalescer(max_texts=4), queued))
+    assert backbone.calls == [["warm"], ["a", "b", "c", "d"], ["e", "f", "g", "h"]]
+    assert all(isinstance(r, np.ndarray) for r in results)
+
+
+def test_a_bad_text_fails_only_its_own_request() -> None:
+    backbone = GatedBackbone(bad="zz")
+    queued = [["a"], ["ok", "zz"], ["c"]]
+    _warm, a, bad, c = asyncio.run(_first_then_queue(backbone, TextCoalescer(max_texts=64), queued))
+    np.testing.assert_array_equal(a, rows(["a"]))
+    np.testing.assert_array_equal(c, rows(["c"]))
+    assert isinstance(bad, ValueError) and "zz" in str(bad)
+
+
+def test_an_unavailable_backbone_fails_every_request_in_the_call() -> None:
+    backbone = GatedBackbone()
+
+    async def run() -> list[np.ndarray | BaseException]:
+        coalescer = TextCoalescer(max_texts=64)
+        first = asyncio.ensure_future(coalescer.embed(backbone, ["warm"]))
+        while not backbone.calls:
+            await asyncio.sleep(0.001)
+        others = [asyncio.ensure_future(coalescer.embed(backbone, [t])) for t in "xyz"]
+        await asyncio.sleep(0.01)
+        backbone.unavailable = True
+        backbone.gate.set()
+        return await asyncio.gather(first, *others, return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, BackboneUnavailable) for r in results)
+    assert len(backbone.calls) == 2  # not retried text by text
+
+
+def test_a_cancelled_request_does_not_disturb_the_others() -> None:
+    backbone = GatedBackbone()
+
+    async def run() -> tuple[np.ndarray, np.ndarray]:
+        coalescer = TextCoalescer(max_texts=64)
+        first = asyncio.ensure_future(coalescer.embed(backbone, ["warm"]))
+        while not backbone.calls:
+            await asyncio.sleep(0.001)
+        gone = asyncio.ensure_future(coalescer.embed(backbone, ["gone"]))
+        kept = asyncio.ensure_future(coalescer.embed(backbone, ["kept"]))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # the client's deadline passed
+        backbone.gate.set()
+        return await first, await kept
+
+    _warm, kept = asyncio.run(run())
+    np.testing.assert_array_equal(kept, rows(["kept"]))
+    assert backbone.calls == [["warm"], ["kept"]]
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_an_idle_coalescer_embeds_at_once(n: int) -> None:
+    backbone = GatedBackbone()
+    backbone.gate.set()
+    texts = [f"t{i}" for i in range(n)]
+    got = asyncio.run(TextCoalescer(max_texts=64).embed(backbone, texts))
+    np.testing.assert_array_equal(got, rows(texts))
+    assert backbone.calls == [texts]
