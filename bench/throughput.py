@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("== learn rate on precomputed features", flush=True)
         doc["learn"] = learn_part(args.quick)
     if args.part in ("text", "features", "all"):
-        rounds, n_text, n_backbone, n_feat = (2, 1_024, 512, 5_000) if args.quick else (3, 3_500, 2_048, 15_000)
+        rounds, n_text, n_backbone, n_feat = (3, 1_536, 512, 5_000) if args.quick else (3, 3_500, 2_048, 15_000)
         with Broker() as broker:
             if args.part in ("text", "all"):
                 print(f"== text end to end ({rounds} rounds of {n_text} events)", flush=True)
