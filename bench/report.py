@@ -28,7 +28,7 @@ Results = dict[str, dict[str, Any]]
 DEFINITIONS = {
     "ridge_vs_river_learn_ratio": "eddy ridge M=2048 (default head) learn events/s on 384-d features / "
                                   "fastest accurate River learner's learn_one events/s (medians, alternating rounds)",
-    "text_e2e_vs_backbone_ratio": "daemon text events/s through Kafka (first learned batch -> last) / bare "
+    "text_e2e_vs_backbone_ratio": "daemon text events/s through Kafka (first learned batch -> next-to-last) / bare "
                                   "backbone sentences/s on the same texts in the daemon's calls of 512; "
                                   "median of rounds alternating reference and daemon",
     "features_e2e_vs_consume_ratio": "daemon (default config) feature events/s through Kafka, JSON arrays / bare "
