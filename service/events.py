@@ -210,7 +210,8 @@ def _features(value: Any, dim: int, maybe_bools: bool) -> np.ndarray:
 def _base64_features(value: str, dim: int) -> np.ndarray:
     """Features from base64 (standard alphabet, padded) of ``dim`` little-endian float32.
 
-    ~3x cheaper to decode than a JSON array of the same numbers, and a quarter of the bytes.
+    ~2x cheaper to decode than a JSON array of the same numbers (16 vs 32 us at 384-d), and a
+    quarter of the bytes.
     """
     try:
         raw = binascii.a2b_base64(value, strict_mode=True)
