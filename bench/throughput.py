@@ -346,7 +346,7 @@ def text_part(bootstrap: str, rounds: int, per_round: int, n_backbone: int) -> d
 
 
 LEAN = {"EDDY_HEAD__EXPANSION_WIDTH": "0", "EDDY_MEMORY__MAX_ITEMS": "0", "EDDY_MEMORY__ERROR_COMPENSATION": "false"}
-# (name, daemon settings, features as base64 float32, rounds: None = the key's rounds, else 1)
+# (name, daemon settings, features as base64 float32); the first is the key, run in every round
 FEATURE_VARIANTS: tuple[tuple[str, dict[str, str], bool], ...] = (
     ("default config, JSON arrays", {}, False),
     ("default config, base64 float32", {}, True),

@@ -158,7 +158,7 @@ def _embed_isolating(texts: list[str], embed: Embed | None, dim: int) -> list[np
         return ["no backbone is configured for text events"] * len(texts)
     try:
         start = time.perf_counter()
-        rows = list(_checked(embed(texts), len(texts), dim))
+        rows = list(checked_embeddings(embed(texts), len(texts), dim))
         metrics.EMBED_SECONDS.observe(time.perf_counter() - start)
         return rows
     except BackboneUnavailable:
@@ -168,13 +168,14 @@ def _embed_isolating(texts: list[str], embed: Embed | None, dim: int) -> list[np
     result: list[np.ndarray | str] = []
     for text in texts:
         try:
-            result.append(_checked(embed([text]), 1, dim)[0])
+            result.append(checked_embeddings(embed([text]), 1, dim)[0])
         except Exception as exc:
             result.append(f"embedding failed: {type(exc).__name__}: {str(exc)[:200]}")
     return result
 
 
-def _checked(X: Any, n: int, dim: int) -> np.ndarray:
+def checked_embeddings(X: Any, n: int, dim: int) -> np.ndarray:
+    """``X`` as float32 ``(n, dim)`` finite rows; ``ValueError`` naming what the encoder returned otherwise."""
     X = np.asarray(X, dtype=np.float32)
     if X.shape != (n, dim):
         raise ValueError(f"backbone returned shape {X.shape}, expected ({n}, {dim})")

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from service.batch import Embed
+from service.batch import Embed, checked_embeddings
 from service.errors import BackboneUnavailable
 
 
@@ -76,7 +76,4 @@ class EmbedAhead:
         return dict(zip(texts, self._checked(texts), strict=True))
 
     def _checked(self, texts: list[str]) -> np.ndarray:
-        X = np.asarray(self._embed(texts), dtype=np.float32)
-        if X.shape != (len(texts), self._dim):
-            raise ValueError(f"backbone returned shape {X.shape}, expected ({len(texts)}, {self._dim})")
-        return X
+        return checked_embeddings(self._embed(texts), len(texts), self._dim)

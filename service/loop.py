@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -179,7 +180,7 @@ class LearnLoop:
             return
         events = [self._buffered.popleft() for _ in range(min(self.opt.batch_max_events, len(self._buffered)))]
         if self._embed_ahead is not None and self._buffered:
-            upcoming = [self._buffered[i] for i in range(min(self.opt.batch_max_events, len(self._buffered)))]
+            upcoming = list(islice(self._buffered, self.opt.batch_max_events))
             self._embed_ahead.queue_next(texts_of(upcoming, dim=self.opt.dim, max_event_bytes=self.opt.max_event_bytes))
         if events:
             self._learn(events)

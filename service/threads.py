@@ -17,7 +17,7 @@ import logging
 log = logging.getLogger(__name__)
 
 # Modules whose import loads a native BLAS or OpenMP runtime used on the learn or serve path.
-NATIVE_MODULES = ("numpy", "scipy.linalg.blas", "scipy.linalg", "faiss")
+NATIVE_MODULES = ("numpy", "scipy.linalg", "faiss")
 
 
 def limit_native_threads(n: int) -> list[dict[str, object]]:
@@ -28,17 +28,14 @@ def limit_native_threads(n: int) -> list[dict[str, object]]:
     """
     from threadpoolctl import threadpool_info, threadpool_limits
 
+    loaded = {}
     for name in NATIVE_MODULES:
         try:
-            importlib.import_module(name)
+            loaded[name] = importlib.import_module(name)
         except ImportError:
             log.debug("%s not installed: no thread pool to cap", name)
     threadpool_limits(n)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    except ImportError:
-        pass
+    if "faiss" in loaded:
+        loaded["faiss"].omp_set_num_threads(n)
     return [{"api": p["internal_api"], "threads": p["num_threads"], "library": p["filepath"].rsplit("/", 1)[-1]}
             for p in threadpool_info()]
