@@ -83,7 +83,7 @@ COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/eddy/cache /opt/eddy/cache
 COPY config.toml /etc/eddy/config.toml
 
-# Environment variables win over config.toml (service/config.py), so these hold whatever file is
+# Environment variables win over config.toml (service/app/config.py), so these hold whatever file is
 # mounted at /etc/eddy/config.toml. State lives on the /var/lib/eddy volume; caches that libraries
 # write go to /tmp so the root filesystem can be read-only.
 ENV PATH=/opt/venv/bin:$PATH \

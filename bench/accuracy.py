@@ -135,7 +135,7 @@ def load_streams(names: list[str]) -> list[Stream]:
             out.append(Stream(name, "full", X[:n], train.labels, X[n:], test.labels, 1000,
                               "banking77 train.csv streamed, test.csv held out"))
         elif name == "bbc":
-            from service.datasets import bbc_news_csv
+            from service.tools.demo_data import bbc_news_csv
 
             data = read_labeled(bbc_news_csv(CACHE / "bbc_news.csv", seed=0))
             assert data.texts is not None

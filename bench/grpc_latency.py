@@ -32,7 +32,7 @@ D, K = 384, 77
 def build_model(variant: str, backbone: Any) -> Any:
     from learner.export import readout_to_onnx
     from learner.heads.base import Readout
-    from service.served_model import ServedModel, make_session
+    from service.models.served import ServedModel, make_session
 
     rng = np.random.default_rng(0)
     projection = rng.normal(size=(2048, D)).astype(np.float32) / np.sqrt(D) if variant == "expanded" else None
@@ -50,9 +50,9 @@ def build_model(variant: str, backbone: Any) -> Any:
 
 
 async def serve(variant: str, mode: str) -> None:
-    from service.grpc import common
-    from service.grpc.server import start_server, stop_server
-    from service.served_model import ModelSlot
+    from service.models.served import ModelSlot
+    from service.serving.grpc import common
+    from service.serving.grpc.server import start_server, stop_server
 
     # MODE: inline | executor, with "-nocoalesce" to embed each text request on its own.
     common.Predictor.__init__.__kwdefaults__["features_inline"] = mode.startswith("inline")
@@ -89,8 +89,8 @@ async def serve(variant: str, mode: str) -> None:
 async def drive(port: int, variant: str, concurrency: int, requests: int) -> list[float]:
     import grpc
 
-    from service.grpc.gen.eddy.v1 import inference_pb2 as pb
-    from service.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 
     rng = np.random.default_rng(1)
     if variant == "text":

@@ -48,7 +48,7 @@ def limit_blas_threads(n: int = 1) -> None:
     Why: on 2 cores shared with other jobs, a multi-threaded BLAS spins waiting for a core and
     a 2049x2049 eigendecomposition goes from ~1 s to ~13 s.
     """
-    from service.threads import limit_native_threads
+    from service.app.threads import limit_native_threads
 
     limit_native_threads(n)
 

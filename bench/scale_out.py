@@ -31,11 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from learner.heads import RidgeHead  # noqa: E402
-from service.broker import LocalKafka, free_port  # noqa: E402
-from service.checkpoint import pack  # noqa: E402
-from service.events import encode  # noqa: E402
-from service.grpc.gen.eddy.v1 import inference_pb2 as pb  # noqa: E402
-from service.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
+from service.core.events import encode  # noqa: E402
+from service.core.snapshots import pack  # noqa: E402
+from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb  # noqa: E402
+from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
+from service.tools.broker import LocalKafka, free_port  # noqa: E402
 from tests.integration.daemon import daemon_env, start_daemon  # noqa: E402
 from tests.integration.streams import DIM, feature_events  # noqa: E402
 

@@ -144,7 +144,7 @@ def swap_readout(seed: int, version: int) -> Any:
 def build_served(readout: Any, version: int) -> Any:
     """Export ``readout`` to ONNX and wrap it as a warmed ``ServedModel`` (what the exporter does)."""
     from learner.export import readout_to_onnx
-    from service.served_model import ServedModel, make_session
+    from service.models.served import ServedModel, make_session
 
     meta = {"classes": json.dumps(list(readout.classes)), "model_version": str(version),
             "head_kind": "bench", "created_at": f"{time.time():.3f}"}
@@ -161,7 +161,7 @@ class InProcessServer:
     """``start_server`` on 127.0.0.1:0 in an asyncio loop on its own thread of this process."""
 
     def __init__(self, slot: Any) -> None:
-        from service.grpc.server import start_server
+        from service.serving.grpc.server import start_server
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="bench-grpc", daemon=True)
@@ -173,7 +173,7 @@ class InProcessServer:
 
     def close(self) -> None:
         """Stop the server (1 s grace) and its loop."""
-        from service.grpc.server import stop_server
+        from service.serving.grpc.server import stop_server
 
         self._call(stop_server(self.server, 1.0))
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -234,8 +234,8 @@ def swap_client(addr: str, rate: float, index: int, seed: int, ready: Any, go: A
     """
     import grpc
 
-    from service.grpc.gen.eddy.v1 import inference_pb2 as pb
-    from service.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 
     X = client_features(seed, index)
     requests = [pb.PredictRequest(features=pb.Features(values=row.tolist()), top_k=1) for row in X]
@@ -270,7 +270,7 @@ def swap_client(addr: str, rate: float, index: int, seed: int, ready: Any, go: A
 
 def run_swap(plan: Plan, seed: int, tmp: Path) -> dict[str, Any]:
     """Swap safety: >= plan.swaps swaps under >= clients*rate req/s, vs the same load without swaps."""
-    from service.served_model import ModelSlot
+    from service.models.served import ModelSlot
 
     slot = ModelSlot()
     slot.swap(build_served(swap_readout(seed, 1), 1))
@@ -447,8 +447,8 @@ async def eddy_v1_features(addr: str, concurrency: int, n: int, seed: int) -> di
     """eddy.v1 Predict(features) through one grpc.aio channel."""
     import grpc
 
-    from service.grpc.gen.eddy.v1 import inference_pb2 as pb
-    from service.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 
     X = client_features(seed, 99, 16)
     requests = [pb.PredictRequest(features=pb.Features(values=row.tolist())) for row in X]
@@ -489,8 +489,8 @@ async def eddy_v1_text(addr: str, texts: list[str], n: int, seconds: float | Non
     """eddy.v1 Predict(text) at ``concurrency`` (``n`` requests, or as many as fit in ``seconds``)."""
     import grpc
 
-    from service.grpc.gen.eddy.v1 import inference_pb2 as pb
-    from service.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 
     requests = [pb.PredictRequest(text=t) for t in texts]
     async with grpc.aio.insecure_channel(addr) as channel:
@@ -561,7 +561,7 @@ def text_while_learning(plan: Plan, seed: int, cluster: Cluster) -> dict[str, An
     produced = [0]
 
     def produce() -> None:
-        from service.events import encode
+        from service.core.events import encode
 
         i = 0
         while not stop.is_set():
@@ -587,7 +587,7 @@ def text_while_learning(plan: Plan, seed: int, cluster: Cluster) -> dict[str, An
     learned = after.get(LEARNED, 0.0) - before.get(LEARNED, 0.0)
     since_load = (after.get(LEARNED, 0.0) - first.get(LEARNED, 0.0)) / (time.monotonic() - load_start)
     # A text batch (up to 512 events) can take longer than the window, so both rates are given.
-    result.update(server="real daemon (python -m service.cli serve, role all) learning text events",
+    result.update(server="real daemon (python -m service.app.cli serve, role all) learning text events",
                   measured_seconds=seconds, learner_events_per_s_during=learned / seconds,
                   learner_events_per_s_since_load_started=since_load,
                   produced_events=produced[0], daemon_timings=timing_delta(before, after),
@@ -620,7 +620,7 @@ class Cluster:
     def bootstrap(self) -> str:
         """The broker's address, starting it if needed."""
         if self.kafka is None:
-            from service.broker import LocalKafka, free_port
+            from service.tools.broker import LocalKafka, free_port
 
             self.kafka = LocalKafka(port=free_port(), data_dir=self.tmp / "kafka")
             self.kafka.start(timeout=180)
@@ -635,9 +635,9 @@ class Cluster:
         return self._producer
 
     def daemon(self, name: str, **overrides: str) -> RunningDaemon:
-        """``python -m service.cli serve`` on its own topic, default settings plus ``overrides``."""
+        """``python -m service.app.cli serve`` on its own topic, default settings plus ``overrides``."""
         if name not in self.daemons:
-            from service.config import KafkaSettings
+            from service.app.config import KafkaSettings
             from tests.integration.daemon import daemon_env, start_daemon
 
             tmp = self.tmp / name
@@ -694,7 +694,7 @@ def daemon_section(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def produce_texts(producer: Any, topic: str, texts: dict[str, list[str]], *, prefix: str) -> None:
     """Send ``{label: [texts]}`` as text events and flush."""
-    from service.events import encode
+    from service.core.events import encode
 
     for label, items in texts.items():
         for i, text in enumerate(items):
@@ -706,8 +706,8 @@ def wait_served(addr: str, timeout: float) -> int:
     """Block until the server at ``addr`` serves a model; return its version."""
     import grpc
 
-    from service.grpc.gen.eddy.v1 import inference_pb2 as pb
-    from service.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(addr) as channel:
@@ -798,9 +798,9 @@ def freshness_features(plan: Plan, seed: int, cluster: Cluster) -> dict[str, Any
     """New feature classes, one after another: produce ~20 events, poll Predict(center) every 20 ms."""
     import grpc
 
-    from service.events import encode
-    from service.grpc.gen.eddy.v1 import inference_pb2 as pb
-    from service.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
+    from service.core.events import encode
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 
     daemon = cluster.daemon("features")
     producer = cluster.producer()
@@ -841,8 +841,8 @@ def freshness_text(plan: Plan, seed: int, cluster: Cluster) -> dict[str, Any]:
     """New banking77 categories as text events; poll Predict(text) with one of the class's texts."""
     import grpc
 
-    from service.grpc.gen.eddy.v1 import inference_pb2 as pb
-    from service.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
+    from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 
     rows = banking77("train")
     if not rows:
@@ -880,7 +880,7 @@ def freshness_summary(results: list[dict[str, Any]], kind: str, daemon: RunningD
             "answered": len(seconds), "missed": len(results) - len(seconds),
             "p50_s": float(pct[0]), "p99_s": float(pct[1]), "max_s": max(seconds, default=float("nan")),
             "poll_interval_s": 0.02,
-            "daemon": "python -m service.cli serve --role all, default settings except ports/dirs/topic"
+            "daemon": "python -m service.app.cli serve --role all, default settings except ports/dirs/topic"
                       + (f" and {daemon.env_overrides}" if daemon.env_overrides else ""),
             "targets": {"p50_s": TARGETS["freshness_p50_s"], "p99_s": TARGETS["freshness_p99_s"]},
             "per_class": results}

@@ -185,7 +185,7 @@ class Broker:
     """A real local Kafka broker in a temporary folder, for the duration of a ``with`` block."""
 
     def __enter__(self) -> Broker:
-        from service.broker import LocalKafka, free_port
+        from service.tools.broker import LocalKafka, free_port
 
         self._tmp = tempfile.TemporaryDirectory(prefix="eddy-bench-kafka-")
         self.kafka = LocalKafka(port=free_port(), data_dir=Path(self._tmp.name),
@@ -318,7 +318,7 @@ def text_part(bootstrap: str, rounds: int, per_round: int, n_backbone: int) -> d
     both; the ratio is the median of the per-round ratios. Calls of 64 (the encoder's own batch,
     which pads more) are reported beside it for context.
     """
-    from service.events import encode
+    from service.core.events import encode
 
     texts, labels, _ = banking77(rounds * per_round, seed=1)
     sample = texts[:max(n_backbone, 2 * DAEMON_BATCH)]
@@ -364,7 +364,7 @@ def features_part(bootstrap: str, rounds: int, per_round: int) -> dict[str, Any]
     show how much of the gap is the default head's own math; and the default head learning the
     same features in process with no Kafka at all (the ceiling its math sets).
     """
-    from service.events import encode
+    from service.core.events import encode
 
     _, labels, X = banking77(rounds * per_round + 1_000, seed=2)
     out: dict[str, Any] = {"rounds": rounds, "events_per_round": per_round, "variants": {}}

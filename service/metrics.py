@@ -6,6 +6,8 @@ input kinds, partitions of the consumed topic), never class names or event ids.
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -77,6 +79,22 @@ LAST_SNAPSHOT_TIMESTAMP = Gauge(
 BROKER_UP = Gauge(
     "eddy_broker_up", "1 while the Kafka broker answers, 0 while it does not.", registry=REGISTRY
 )
+_broker_up = threading.Event()  # the same fact for /readyz, without reading the gauge's internals
+
+
+def set_broker_up(up: bool) -> None:
+    """Record whether the Kafka broker answers (``eddy_broker_up`` and ``broker_is_up``)."""
+    BROKER_UP.set(1 if up else 0)
+    if up:
+        _broker_up.set()
+    else:
+        _broker_up.clear()
+
+
+def broker_is_up() -> bool:
+    """The last value given to ``set_broker_up`` (False before any)."""
+    return _broker_up.is_set()
+
 EXPORT_SECONDS = Histogram(
     "eddy_export_seconds", "Time to solve, export and gate one model.", buckets=_SECONDS_BUCKETS,
     registry=REGISTRY,

@@ -1,6 +1,6 @@
 """Fixtures shared by every test: the real Kafka broker, unique topic names, data paths.
 
-The broker is one real Apache Kafka (KRaft) per test session, started by ``service.broker`` on a
+The broker is one real Apache Kafka (KRaft) per test session, started by ``service.tools.broker`` on a
 free port with a temporary data dir; its jars are cached in the repo's ``.eddy/kafka/lib`` so Maven
 runs once per checkout. It starts only when a test asks for ``kafka_bootstrap`` and stops at the end
 of the session. Set ``EDDY_TEST_BOOTSTRAP=host:port`` to use a broker you run yourself instead.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from service.broker import LocalKafka, free_port
 from service.errors import BrokerError
+from service.tools.broker import LocalKafka, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KAFKA_LIB = REPO_ROOT / ".eddy" / "kafka" / "lib"

@@ -205,6 +205,21 @@ class RidgeHead(ExactHead):
         self.lam_ = None
 
     # -- solve -------------------------------------------------------------------------------
+    def prepare_solve(self, *, refit: bool) -> None:
+        """Choose lambda: by GCV on a ``refit`` (seconds at M = 2048), else provisionally if none yet."""
+        if refit:
+            self.choose_lambda()
+        else:
+            self.provisional_lambda()
+
+    def adopt_choices(self, solved: ExactHead) -> None:
+        """Keep ``solved``'s lambda and fitted temperature for the next solves."""
+        super().adopt_choices(solved)
+        assert isinstance(solved, RidgeHead)
+        if solved.lam_ is not None and solved.lam_ != self.lam_:
+            self.lam_ = solved.lam_
+            self._weights, self._readout = None, None
+
     def choose_lambda(self) -> float | None:
         """Re-choose ``lam`` by GCV now (no-op returning ``lam`` when it is fixed).
 

@@ -251,6 +251,22 @@ class ExactHead(Head):
             return self.temperature
         return self.fitted_temperature_ if self.fitted_temperature_ is not None else self.default_temperature
 
+    def prepare_solve(self, *, refit: bool) -> None:
+        """Make the data-dependent choices a solve needs (ridge: lambda); ``refit`` re-chooses them.
+
+        A service calls this on a copy of the head before exporting it, then ``adopt_choices``
+        on the original; heads with nothing to choose do nothing.
+        """
+
+    def adopt_choices(self, solved: ExactHead) -> None:
+        """Keep the values ``solved`` (a copy of this head) chose from the data: a fitted temperature.
+
+        Subclasses extend it with their own choices (ridge's lambda). The statistics are untouched.
+        """
+        fitted = solved.fitted_temperature_
+        if fitted is not None and fitted != self.fitted_temperature_:
+            self.set_temperature(fitted)
+
     def set_temperature(self, temperature: float) -> None:
         """Install a fitted temperature (see ``learner.calibration``).
 

@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from service import metrics
-from service.cli import build_parser
-from service.config import MetricsSettings, ServingSettings, Settings, load_settings
-from service.http import HEALTH_PATH, READY_PATH, HealthReport, start_http_server
+from service.app.cli import build_parser
+from service.app.config import MetricsSettings, ServingSettings, Settings, load_settings
+from service.serving.ops_http import HEALTH_PATH, READY_PATH, HealthReport, start_http_server
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

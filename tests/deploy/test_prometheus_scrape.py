@@ -1,6 +1,6 @@
 """A real Prometheus scrapes eddy's metrics endpoint; the alert rules and dashboard queries run on it.
 
-Today the endpoint is ``service.http`` started in this process with metrics updated the way the
+Today the endpoint is ``service.serving.ops_http`` started in this process with metrics updated the way the
 daemon updates them; pointing ``prometheus_server`` at a running daemon's metrics port instead is
 a one-line change.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from service import metrics
-from service.http import HealthReport, start_http_server
+from service.serving.ops_http import HealthReport, start_http_server
 
 pytestmark = pytest.mark.prometheus
 

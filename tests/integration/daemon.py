@@ -1,4 +1,4 @@
-"""Run the real daemon (``python -m service.cli serve``) as a child process for integration tests."""
+"""Run the real daemon (``python -m service.app.cli serve``) as a child process for integration tests."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class DaemonProc:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def state(self) -> dict:
-        out = subprocess.run([sys.executable, "-m", "service.cli", "state", "--json"], env=self.env,
+        out = subprocess.run([sys.executable, "-m", "service.app.cli", "state", "--json"], env=self.env,
                              capture_output=True, text=True, timeout=120, cwd=REPO)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
@@ -118,7 +118,7 @@ def start_daemon(tmp: Path, env: dict[str, str], *, role: str = "all", name: str
     env = {**env, "EDDY_SERVING__GRPC_PORT": str(grpc_port), "EDDY_METRICS__PORT": str(metrics_port)}
     log_path = tmp / f"{name}.log"
     with log_path.open("ab") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--role", role], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "service.app.cli", "serve", "--role", role], env=env,
                                 stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
     d = DaemonProc(proc, env, log_path, grpc_port, metrics_port)
     d.wait_metric("eddy_model_version", lambda v: True, timeout=120)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from learner.heads import make_head
-from service.events import Event, decode
+from service.core.events import Event, decode
 
 RIDGE = {"lam": 1.0, "expansion_width": 128, "seed": 0, "temperature": 0.05}
 RIDGE_ENV = {"EDDY_HEAD__KIND": "ridge", "EDDY_HEAD__RIDGE_LAMBDA": "1.0", "EDDY_HEAD__EXPANSION_WIDTH": "128",

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from service.events import encode
+from service.core.events import encode
 
 DIM = 384
 

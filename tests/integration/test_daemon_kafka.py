@@ -8,7 +8,7 @@ import random
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from service.kafka import committed_offsets
+from service.kafka.clients import committed_offsets
 from tests.integration.daemon import daemon_env, start_daemon
 from tests.integration.streams import feature_events, malformed
 

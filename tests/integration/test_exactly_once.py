@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from service.broker import LocalKafka, port_in_use
-from service.events import encode
-from service.predict_client import predict
+from service.core.events import encode
+from service.tools.broker import LocalKafka, port_in_use
+from service.tools.predict import predict
 from tests.helpers import wait_for
 from tests.integration.daemon import REPO, daemon_env, start_daemon
 from tests.integration.reference import RIDGE_ENV, assert_statistics_equal, reference_statistics
@@ -35,7 +35,7 @@ def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[str] | N
 
 
 def export_stats(env: dict[str, str], out: Path) -> dict[str, np.ndarray]:
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "state", "--json", "--export-stats", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "service.app.cli", "state", "--json", "--export-stats", str(out)],
                           env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     with np.load(out) as npz:
@@ -243,7 +243,7 @@ def test_forget_ids_and_a_label_equals_never_seen(kafka_bootstrap, topic_name, t
     gone = set(forget_ids) | {i for i, lbl, _ in events if lbl == forgotten_label}
     kept = [v for i, _, v in events if i not in gone]
     assert_statistics_equal(export_stats(env, tmp_path / "s.npz"), reference_statistics(kept))
-    from service.checkpoint import SnapshotStore
+    from service.core.snapshots import SnapshotStore
 
     snapshot = SnapshotStore(tmp_path / "checkpoints").latest()
     assert snapshot is not None
@@ -256,14 +256,14 @@ def test_forget_ids_and_a_label_equals_never_seen(kafka_bootstrap, topic_name, t
 
 
 def export_children(cache_dir: Path) -> list[int]:
-    """PIDs of live ``python -m service.lazy`` export processes writing into ``cache_dir``."""
+    """PIDs of live ``python -m service.models.backbone`` export processes writing into ``cache_dir``."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"service.lazy" in cmdline and str(cache_dir).encode() in cmdline:
+        if b"service.models.backbone" in cmdline and str(cache_dir).encode() in cmdline:
             pids.append(int(proc.name))
     return pids
 

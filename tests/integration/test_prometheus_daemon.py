@@ -7,7 +7,7 @@ import json
 import pytest
 from kafka import KafkaProducer
 
-from service.predict_client import predict
+from service.tools.predict import predict
 from tests.deploy.conftest import prometheus_server  # noqa: F401  (fixture)
 from tests.integration.daemon import daemon_env, start_daemon
 from tests.integration.reference import RIDGE_ENV

@@ -18,8 +18,8 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from learner.heads import make_head
-from service.grpc.gen.eddy.v1 import inference_pb2 as pb
-from service.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
+from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
+from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.daemon import REPO, DaemonProc, daemon_env, start_daemon
 from tests.integration.streams import feature_events
 
@@ -94,7 +94,7 @@ def _reference(events: list[tuple[str, str, bytes]]) -> dict[str, np.ndarray]:
 
 
 def _merged_stats(env: dict[str, str], checkpoint: Path, out: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "service.cli", "state", "--json", "--checkpoint", str(checkpoint),
+    done = subprocess.run([sys.executable, "-m", "service.app.cli", "state", "--json", "--checkpoint", str(checkpoint),
                            "--export-stats", str(out)], env=env, capture_output=True, text=True, timeout=120,
                           cwd=REPO)
     assert done.returncode == 0, done.stderr

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from kafka import KafkaProducer
 
-from service.events import encode
+from service.core.events import encode
 from tests.integration.daemon import daemon_env, start_daemon
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from memory import ReplayMemory, gpu_count
-from service.checkpoint import pack, unpack
+from service.core.snapshots import pack, unpack
 
 KINDS = ["flat", "ivf", "hnsw"]
 DIM = 32

@@ -15,10 +15,10 @@ import numpy as np
 
 from learner.export import readout_to_onnx
 from learner.heads.base import Readout
-from service.grpc.eddy_v1 import AdminHandler
-from service.grpc.server import start_server, stop_server
-from service.registry import ModelRegistry
-from service.served_model import ModelSlot, ServedModel, load_served_model, make_session
+from service.models.registry import ModelRegistry
+from service.models.served import ModelSlot, ServedModel, load_served_model, make_session
+from service.serving.grpc.eddy_v1 import AdminHandler
+from service.serving.grpc.server import start_server, stop_server
 
 D = 8
 CLASSES = ("billing", "cards", "travel")

@@ -5,11 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.batch import Record, learn_batch
-from service.checkpoint import pack, unpack
+from service.core.batch import Record, learn_batch
+from service.core.events import encode
+from service.core.snapshots import pack, unpack
+from service.core.state import new_state
 from service.errors import BackboneUnavailable
-from service.events import encode
-from service.state import new_state
 
 DIM = 8
 PARAMS = {"lam": 1.0, "expansion_width": 16, "seed": 0, "temperature": 0.05}

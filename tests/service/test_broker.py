@@ -10,9 +10,9 @@ import psutil
 import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 
-from service import broker
-from service.broker import LocalKafka, free_port, java_major, port_in_use
 from service.errors import BrokerError
+from service.tools import broker
+from service.tools.broker import LocalKafka, free_port, java_major, port_in_use
 from tests.conftest import KAFKA_LIB
 from tests.helpers import consume
 

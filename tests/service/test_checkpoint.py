@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from service.checkpoint import SnapshotStore, pack, unpack
+from service.core.snapshots import SnapshotStore, pack, unpack
 from service.errors import CheckpointError
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.errors import BackboneUnavailable
-from service.grpc.coalesce import TextCoalescer
+from service.serving.grpc.coalesce import TextCoalescer
 
 
 class GatedBackbone:

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from service.config import load_settings, redacted
+from service.app.config import load_settings, redacted
 from service.errors import ConfigError
 
 
@@ -49,7 +49,7 @@ def test_secrets_are_redacted(monkeypatch):
 
 def test_cli_config_exits_2_naming_the_key(tmp_path):
     env = {"EDDY_SERVING__GRPC_PORT": "abc", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "config"], env=env, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "service.app.cli", "config"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "serving.grpc_port" in proc.stderr

@@ -6,7 +6,7 @@ import collections
 import csv
 from pathlib import Path
 
-from service.datasets import article_text, bbc_news_csv
+from service.tools.demo_data import article_text, bbc_news_csv
 
 
 def test_bbc_news_csv_has_all_articles_in_five_classes(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from service.embed_ahead import EmbedAhead
 from service.errors import BackboneUnavailable
+from service.roles.embed_ahead import EmbedAhead
 
 DIM = 3
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.events import REASONS, Event, Rejection, decode, encode, json_schema
+from service.core.events import REASONS, Event, Rejection, decode, encode, json_schema
 
 DIM = 4
 GOOD_FEATURES = [0.1, -0.2, 0.3, 0.4]

@@ -16,11 +16,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service import metrics
 from service.errors import ModelError
-from service.grpc.gen.eddy.v1 import inference_pb2 as pb
-from service.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
-from service.predict_client import predict, rollback
-from service.registry import ModelRegistry
-from service.served_model import ModelSlot, load_served_model
+from service.models.registry import ModelRegistry
+from service.models.served import ModelSlot, load_served_model
+from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
+from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
+from service.tools.predict import predict, rollback
 from tests.service.grpc_fixtures import CLASSES, D, RegistryAdmin, make_readout, model_bytes, running_server, served
 
 X = np.random.default_rng(1).normal(size=(4, D)).astype(np.float32)

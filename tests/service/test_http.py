@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import metrics
-from service.http import HealthReport, assess, start_http_server
+from service.serving.ops_http import HealthReport, assess, start_http_server
 
 
 def _get(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:

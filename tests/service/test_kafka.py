@@ -10,7 +10,7 @@ from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.structs import OffsetAndMetadata
 
 from service.errors import BrokerError
-from service.kafka import (
+from service.kafka.clients import (
     ClientSecurity,
     DeadLetterWriter,
     committed_offsets,

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from service.errors import BackboneUnavailable
-from service.lazy import LazyBackbone
+from service.models.backbone import LazyBackbone
 
 
 def test_a_backbone_that_cannot_load_fails_fast_after_the_first_try(tmp_path: Path) -> None:

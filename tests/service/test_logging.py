@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from service.cli import _kafka_errors_on_one_line
+from service.app.cli import _kafka_errors_on_one_line
 
 
 def _render(logger_name: str) -> str:
@@ -31,4 +31,4 @@ def test_kafka_python_errors_are_one_line_with_the_exception_named():
 
 
 def test_eddy_errors_keep_their_traceback():
-    assert "Traceback (most recent call last)" in _render("service.loop")
+    assert "Traceback (most recent call last)" in _render("service.roles.learn_loop")

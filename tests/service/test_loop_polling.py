@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 from kafka import KafkaProducer
 
-from service.batch import Record
-from service.checkpoint import SnapshotStore
-from service.events import encode
-from service.kafka import DeadLetterWriter, ensure_topics, make_consumer, make_producer
-from service.loop import LearnLoop, LoopOptions
-from service.state import new_state
+from service.core.batch import Record
+from service.core.events import encode
+from service.core.snapshots import SnapshotStore
+from service.core.state import new_state
+from service.kafka.clients import DeadLetterWriter, ensure_topics, make_consumer, make_producer
+from service.roles.learn_loop import LearnLoop, LoopOptions
 
 D = 8
 N = 1_300  # several fetches' worth at batch 100, with a remainder
@@ -59,18 +59,17 @@ def test_a_poll_is_learned_in_batches_and_drained_before_the_next_poll(kafka_boo
 
     loop._learn = record_learn  # type: ignore[method-assign]
     consumer.poll = record_poll  # type: ignore[method-assign]
-    from service.kafka import subscribe
-    from service.loop import _Rebalance
+    from service.kafka.clients import RebalanceCallbacks, subscribe
 
-    subscribe(consumer, [topic_name, control], listener=_Rebalance(loop))
+    subscribe(consumer, [topic_name, control], listener=RebalanceCallbacks(lambda _: None, loop.seek_to_state))
     try:
         for _ in range(2_000):
             if state.counters.learned >= N:
                 break
             loop.step()
     finally:
-        loop._export_pool.shutdown()
-        loop._snapshot_pool.shutdown()
+        loop.exports.close(state)
+        loop.snapshots.close()
         consumer.close()
         dlq_producer.close()
 

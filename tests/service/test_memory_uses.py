@@ -11,14 +11,15 @@ import pytest
 from learner.export import load_session, readout_to_onnx
 from learner.heads import make_head
 from memory import Compensator, ErrorMemory, ReplayMemory
-from service.batch import Record, learn_batch
-from service.checkpoint import pack, unpack
-from service.events import encode
-from service.exporter import Exporter
-from service.loop import LearnLoop, LoopOptions
-from service.registry import ModelRegistry
-from service.served_model import ModelSlot, ServedModel
-from service.state import LearnerState, new_state
+from service.core.batch import Record, learn_batch
+from service.core.events import encode
+from service.core.recent_rows import RecentRows
+from service.core.snapshots import pack, unpack
+from service.core.state import LearnerState, new_state
+from service.models.exporter import Exporter
+from service.models.registry import ModelRegistry
+from service.models.served import ModelSlot, ServedModel
+from service.roles.exports import ExportPolicy, ExportScheduler
 
 D = 8
 
@@ -93,24 +94,16 @@ def test_learn_batch_remembers_the_served_models_mistakes_and_snapshots_keep_the
     assert old.errors is None and old.state_dict()["errors"] is None
 
 
-def options(holdout: int) -> LoopOptions:
-    return LoopOptions(topic="t", control_topic="c", dim=D, max_event_bytes=10_000, batch_max_events=100,
-                       poll_timeout_ms=10, export_every_events=1, export_every_seconds=0.0,
-                       snapshot_every_events=10**9, snapshot_every_seconds=1e9, log_every_seconds=1e9,
-                       holdout_size=holdout, gcv_every_seconds=0.0, head_label="ridge")
-
-
 def export_once(state: LearnerState, registry: ModelRegistry, head_kind: str) -> ModelSlot:
     """Export ``state``'s head through the learn loop's export path (gates included) as version 1."""
     slot = ModelSlot()
     exporter = Exporter(registry=registry, slot=slot, backbone=None, backbone_identity="bb",
                         head_kind=head_kind, parity_tolerance=1e-4, max_accuracy_drop=0.02)
-    loop = LearnLoop(consumer=None, dlq=None, state=state, store=None, exporter=exporter,  # type: ignore[arg-type]
-                     embed=None, refetch=None, options=options(64))  # type: ignore[arg-type]
+    exports = ExportScheduler(exporter, ExportPolicy(every_events=1, every_seconds=0.0, gcv_every_seconds=0.0))
     try:
-        assert loop.export_now() == 1
+        assert exports.export_now(state, RecentRows(64, D)) == 1
     finally:
-        loop._export_pool.shutdown()
+        exports.close(state)
     return slot
 
 
@@ -141,7 +134,7 @@ def test_export_fits_the_temperature_on_the_memory_and_serves_the_compensation(t
 
 
 def test_forgetting_removes_the_events_from_the_error_memory() -> None:
-    from service.forget import ForgetRequest, apply_forget
+    from service.core.forget import ForgetRequest, apply_forget
 
     rng = np.random.default_rng(3)
     X = np.concatenate([around(rng, 0, 4), around(rng, 1, 4), around(rng, 2, 4)])
@@ -164,7 +157,7 @@ def test_forgetting_removes_the_events_from_the_error_memory() -> None:
 
 
 def test_routine_exports_yield_the_cores_to_a_backlog_but_new_classes_do_not_wait() -> None:
-    from service.loop import refit_due, routine_export_affordable
+    from service.roles.exports import refit_due, routine_export_affordable
 
     # An export that took 0.5 s: caught up, the next may start 1.5 s after it began; behind, 10 s.
     assert routine_export_affordable(1.5, 0.5, backlog=False)
@@ -179,7 +172,7 @@ def test_routine_exports_yield_the_cores_to_a_backlog_but_new_classes_do_not_wai
 
 def test_processes_following_the_registry_serve_the_same_compensation(tmp_path: Path) -> None:
     """A serve replica, or the daemon after a restart, answers exactly as the learner's own model."""
-    from service.served_model import RegistryFollower, load_registered
+    from service.models.served import RegistryFollower, load_registered
 
     rng = np.random.default_rng(4)
     X = np.concatenate([around(rng, i, 30) for i in range(4)])

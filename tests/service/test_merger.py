@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 from learner.heads import make_head
-from service.batch import Record, learn_batch
-from service.checkpoint import SnapshotStore, pack
-from service.deltas import DeltaBook, DeltaRecord, parse_record
-from service.events import encode
-from service.inspect import describe_state
-from service.merger import MergeOptions, Merger
-from service.scaleout import PartitionState
-from service.state import LearnerState, new_state
-from service.window import RecentRows
+from service.core.batch import Record, learn_batch
+from service.core.events import encode
+from service.core.recent_rows import RecentRows
+from service.core.snapshots import SnapshotStore, pack
+from service.core.state import LearnerState, new_state
+from service.kafka.deltas import DeltaBook, DeltaRecord, parse_record
+from service.roles.merger import MergeOptions, Merger
+from service.roles.replica import PartitionState
+from service.tools.state_report import describe_state
 
 DIM = 8
 PARAMS = {"lam": 0.5, "expansion_width": 16, "seed": 3, "temperature": "auto"}

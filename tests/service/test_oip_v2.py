@@ -10,7 +10,7 @@ import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
-from service.served_model import ModelSlot
+from service.models.served import ModelSlot
 from tests.service.grpc_fixtures import CLASSES, D, make_readout, real_backbone, running_server, served, text_model
 
 X = np.random.default_rng(2).normal(size=(5, D)).astype(np.float32)

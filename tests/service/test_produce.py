@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.events import Event, decode
-from service.produce import TokenBucket, produce_file, read_rows
+from service.core.events import Event, decode
+from service.tools.produce import TokenBucket, produce_file, read_rows
 from tests.helpers import consume
 
 

@@ -9,10 +9,10 @@ import pytest
 
 from memory import ReplayMemory
 from memory.rebuild import rebuild_head
-from service.checkpoint import pack, unpack
+from service.core.restore import restore_state
+from service.core.snapshots import pack, unpack
+from service.core.state import LearnerState, new_state
 from service.errors import CheckpointError
-from service.rebuild import restore_state
-from service.state import LearnerState, new_state
 
 D = 6
 OLD = {"lam": "gcv", "expansion_width": 32, "seed": 0, "temperature": "auto"}
@@ -55,7 +55,7 @@ def test_changed_settings_rebuild_the_head_from_the_snapshots_memory(
         new_state(kind, params, None, window=500, backbone_identity="bb").restore(snapshot(state))
     fresh = new_state(kind, params, ReplayMemory(D, max_items=60, use_gpu="never"), window=500,
                       backbone_identity="bb")
-    with caplog.at_level(logging.WARNING, logger="service.rebuild"):
+    with caplog.at_level(logging.WARNING, logger="service.core.restore"):
         assert restore_state(fresh, snapshot(state), kind, params) is True
     assert "60 items of the 150 events" in caplog.text
     assert sum(fresh.head.counts().values()) == 60  # exactly the memory's items

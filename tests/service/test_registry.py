@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from service.errors import ModelError
-from service.registry import MANIFEST, ModelRegistry, model_file_name
-from service.served_model import load_served_model
+from service.models.registry import MANIFEST, ModelRegistry, model_file_name
+from service.models.served import load_served_model
 from tests.service.grpc_fixtures import model_bytes
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from service import metrics
 from service.errors import ModelError
-from service.registry import ModelRegistry
-from service.served_model import ModelSlot, RegistryFollower, load_served_model
+from service.models.registry import ModelRegistry
+from service.models.served import ModelSlot, RegistryFollower, load_served_model
 from tests.service.grpc_fixtures import CLASSES, D, make_readout, model_bytes, served
 
 

@@ -7,7 +7,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.state import IdWindow
+from service.core.state import IdWindow
 
 OPS = st.lists(st.one_of(
     st.tuples(st.just("add"), st.integers(0, 30), st.integers(0, 3), st.sampled_from("abc")),

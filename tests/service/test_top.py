@@ -10,8 +10,8 @@ import socket
 import pytest
 
 from service import metrics
-from service.http import HealthReport, start_http_server
-from service.top import (
+from service.serving.ops_http import HealthReport, start_http_server
+from service.tools.top import (
     FRAME_SEPARATOR,
     Snapshot,
     counter_delta,

@@ -1,0 +1,209 @@
+"""Build every part of a role from the validated settings; the only place that reads them.
+
+The roles receive typed parts and plain option records; nothing below ``service.app`` sees the
+settings object. Each builder returns the role and the clients it opened, for the daemon to close.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer
+
+from learner.heads import make_head
+from memory import ReplayMemory
+from memory.compensation import DEFAULT_CAPACITY, ErrorMemory
+from service.app.config import HeadSettings, KafkaSettings, Settings
+from service.core.restore import restore_state
+from service.core.snapshots import SnapshotStore
+from service.core.state import LearnerState, new_state
+from service.kafka.clients import ClientSecurity, DeadLetterWriter, ensure_topics, make_consumer, make_producer
+from service.kafka.deltas import DeltaRecord, deltas_consumer, ensure_deltas_topic, read_latest
+from service.kafka.refetch import KafkaRefetcher
+from service.models.backbone import LazyBackbone
+from service.models.exporter import Exporter
+from service.models.registry import ModelRegistry
+from service.models.served import ModelSlot
+from service.roles.learn_loop import LearnLoop, LoopOptions
+from service.roles.merger import MergeOptions, Merger
+from service.roles.replica import PartitionedLearnLoop, ScaleOutOptions, replica_id
+
+log = logging.getLogger("eddy")
+
+Predict = Callable[[np.ndarray], tuple[np.ndarray, Sequence[str]]]
+
+
+@dataclass
+class Parts:
+    """What every role shares: the backbone, the registry and the slot the served model lives in."""
+
+    settings: Settings
+    backbone: LazyBackbone
+    registry: ModelRegistry
+    slot: ModelSlot
+    closers: list[Any] = field(default_factory=list)  # clients opened by the builders, closed in reverse
+
+
+def head_params(head: HeadSettings, *, kind: str | None = None, expansion_width: int | None = None
+                ) -> dict[str, Any]:
+    """Constructor arguments of the configured head kind."""
+    kind = kind or head.kind
+    if kind == "ridge":
+        width = head.expansion_width if expansion_width is None else expansion_width
+        return {"lam": head.ridge_lambda, "expansion_width": width, "seed": head.seed,
+                "temperature": head.temperature}
+    if kind == "slda":
+        return {"shrinkage": head.slda_shrinkage, "temperature": head.temperature}
+    return {"temperature": head.temperature}
+
+
+def build_memory(s: Settings) -> ReplayMemory | None:
+    """The replay memory, or None when its capacity is zero."""
+    m = s.memory
+    if m.max_items == 0 and m.max_bytes is None:
+        return None
+    return ReplayMemory(s.backbone.dim, index=m.index, max_items=m.max_items, max_bytes=m.max_bytes,
+                        recency_weight=m.recency_weight, seed=s.head.seed, use_gpu=m.use_gpu)
+
+
+def build_error_memory(s: Settings) -> ErrorMemory | None:
+    """The error-compensation memory (``memory.error_compensation``), or None when it is off."""
+    return ErrorMemory(DEFAULT_CAPACITY, s.backbone.dim) if s.memory.error_compensation else None
+
+
+def client_security(k: KafkaSettings) -> ClientSecurity:
+    """Kafka client security settings as plain values."""
+    return ClientSecurity(
+        security_protocol=k.security_protocol, sasl_mechanism=k.sasl_mechanism, sasl_username=k.sasl_username,
+        sasl_password=secret(k.sasl_password), ssl_cafile=k.ssl_cafile, ssl_certfile=k.ssl_certfile,
+        ssl_keyfile=k.ssl_keyfile,
+    )
+
+
+def group_consumer(k: KafkaSettings, security: ClientSecurity, *, client_id: str) -> KafkaConsumer:
+    """A consumer in the configured group, with the configured timeouts and batch size (no subscription)."""
+    return make_consumer(k.bootstrap_servers, group_id=k.group_id, topics=None, security=security,
+                         session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
+                         max_poll_records=k.batch_max_events, auto_offset_reset=k.auto_offset_reset,
+                         client_id=client_id, reconnect_backoff_max_ms=k.reconnect_backoff_max_ms,
+                         max_partition_fetch_bytes=k.max_partition_fetch_bytes)
+
+
+def secret(value: Any) -> str | None:
+    """The plain value of a pydantic ``SecretStr`` (or None)."""
+    return value.get_secret_value() if value is not None else None
+
+
+def build_exporter(parts: Parts) -> Exporter:
+    """The exporter of the configured head kind, publishing to the registry and swapping the slot."""
+    s = parts.settings
+    return Exporter(registry=parts.registry, slot=parts.slot, backbone=parts.backbone,
+                    backbone_identity=parts.backbone.identity, head_kind=s.head.kind,
+                    parity_tolerance=s.export.parity_tolerance, max_accuracy_drop=s.export.max_accuracy_drop)
+
+
+def restored_state(parts: Parts) -> tuple[LearnerState, SnapshotStore]:
+    """A fresh learner state, restored from the newest snapshot when there is one; and its store."""
+    s, k = parts.settings, parts.settings.kafka
+    identity = parts.backbone.identity
+    state = new_state(s.head.kind, head_params(s.head), build_memory(s), window=k.dedupe_window,
+                      backbone_identity=identity, errors=build_error_memory(s))
+    store = SnapshotStore(Path(s.checkpoint.dir), keep=s.checkpoint.keep)
+    restored = store.latest()
+    if restored is not None:
+        restore_state(state, restored, s.head.kind, head_params(s.head))  # rebuilds a head whose settings changed
+        log.info("restored snapshot: %d events learned, offsets %s", state.counters.learned, state.offsets)
+        if state.backbone_identity != identity:
+            # Text statistics from two encoders do not mix; feature-only streams are unaffected.
+            log.warning("snapshot was learned with backbone %s, this process runs %s: text events now "
+                        "embed differently from those already learned", state.backbone_identity, identity)
+            state.backbone_identity = identity
+    return state, store
+
+
+def build_learn_loop(parts: Parts, *, predict: Predict) -> LearnLoop:
+    """The single-process learn loop with its consumer, dead-letter writer, state and exporter."""
+    s, k = parts.settings, parts.settings.kafka
+    security = client_security(k)
+    ensure_topics(k.bootstrap_servers, {k.topic: 1, k.control_topic: 1}, security=security)
+    ensure_topics(k.bootstrap_servers, {f"{k.topic}.dlq": 1}, security=security, compacted={f"{k.topic}.dlq"})
+    state, store = restored_state(parts)
+    consumer = group_consumer(k, security, client_id="eddy-learner")
+    producer = make_producer(k.bootstrap_servers, security=security)
+    refetch = KafkaRefetcher(k.bootstrap_servers, k.topic, security)
+    parts.closers.extend([consumer, producer, refetch])
+    options = LoopOptions(
+        topic=k.topic, control_topic=k.control_topic, dim=s.backbone.dim, max_event_bytes=k.max_event_bytes,
+        batch_max_events=k.batch_max_events, poll_timeout_ms=k.poll_timeout_ms,
+        export_every_events=s.export.every_events, export_every_seconds=s.export.every_seconds,
+        snapshot_every_events=s.checkpoint.every_events, snapshot_every_seconds=s.checkpoint.every_seconds,
+        log_every_seconds=s.metrics.log_every_seconds, holdout_size=s.export.holdout_size,
+        gcv_every_seconds=s.head.gcv_every_seconds, head_label=s.head.kind,
+        retry_backoff_max_s=k.reconnect_backoff_max_ms / 1000,
+    )
+    loop = LearnLoop(consumer=consumer, dlq=DeadLetterWriter(producer, f"{k.topic}.dlq"), state=state,
+                     store=store, exporter=build_exporter(parts), embed=parts.backbone.embed, refetch=refetch,
+                     options=options, predict=predict)
+    current = parts.registry.current()
+    if current is not None and "rolled_back_from" in parts.registry.meta(current):
+        # A rollback outlives restarts: automatic exports stay paused until an explicit export.
+        loop.exports.paused = True
+        log.warning("model v%d is a rollback: automatic exports stay paused until Admin/Export", current)
+    return loop
+
+
+def build_replica(parts: Parts) -> PartitionedLearnLoop:
+    """A scale-out learner replica with its consumer, producer, dead-letter writer and state factory."""
+    s, k = parts.settings, parts.settings.kafka
+    security = client_security(k)
+    ensure_topics(k.bootstrap_servers, {k.topic: 1}, security=security)
+    ensure_topics(k.bootstrap_servers, {f"{k.topic}.dlq": 1}, security=security, compacted={f"{k.topic}.dlq"})
+    ensure_deltas_topic(k.bootstrap_servers, k.deltas_topic, max_bytes=k.deltas_max_bytes, security=security)
+    rid = replica_id()
+    consumer = group_consumer(k, security, client_id=f"eddy-learner-{rid}")
+    producer = make_producer(k.bootstrap_servers, security=security, max_request_size=k.deltas_max_bytes)
+    parts.closers.extend([consumer, producer])
+    params = head_params(s.head)
+    identity = parts.backbone.identity
+
+    def fresh() -> LearnerState:
+        return new_state(s.head.kind, params, None, window=k.dedupe_window, backbone_identity=identity)
+
+    def restore(keys: Collection[str]) -> dict[str, DeltaRecord]:
+        return read_latest(k.bootstrap_servers, k.deltas_topic, keys, max_bytes=k.deltas_max_bytes,
+                           security=security)
+
+    if s.memory.max_items or s.memory.max_bytes:
+        log.info("scale-out mode keeps no replay memory (memory.max_items is ignored)")
+    options = ScaleOutOptions(
+        topic=k.topic, deltas_topic=k.deltas_topic, dim=s.backbone.dim, max_event_bytes=k.max_event_bytes,
+        batch_max_events=k.batch_max_events, poll_timeout_ms=k.poll_timeout_ms,
+        publish_every_events=s.checkpoint.every_events, publish_every_seconds=s.checkpoint.every_seconds,
+        log_every_seconds=s.metrics.log_every_seconds, recent_rows=min(s.export.holdout_size, 128), replica_id=rid,
+    )
+    return PartitionedLearnLoop(consumer=consumer, producer=producer, dlq=DeadLetterWriter(producer, f"{k.topic}.dlq"),
+                                restore=restore, new_state=fresh, embed=parts.backbone.embed, options=options)
+
+
+def build_merger(parts: Parts) -> Merger:
+    """The merger with its deltas consumer, exporter and snapshot store."""
+    s, k = parts.settings, parts.settings.kafka
+    security = client_security(k)
+    ensure_deltas_topic(k.bootstrap_servers, k.deltas_topic, max_bytes=k.deltas_max_bytes, security=security)
+    consumer = deltas_consumer(k.bootstrap_servers, max_bytes=k.deltas_max_bytes, security=security,
+                               client_id="eddy-merger")
+    parts.closers.append(consumer)
+    options = MergeOptions(
+        source_topic=k.topic, deltas_topic=k.deltas_topic, head_kind=s.head.kind,
+        head_hyperparameters=make_head(s.head.kind, **head_params(s.head)).hyperparameters(),
+        backbone_identity=parts.backbone.identity, export_every_seconds=s.export.every_seconds,
+        snapshot_every_seconds=s.checkpoint.every_seconds, holdout_size=s.export.holdout_size,
+        poll_timeout_ms=k.poll_timeout_ms, log_every_seconds=s.metrics.log_every_seconds,
+    )
+    store = SnapshotStore(Path(s.checkpoint.dir), keep=s.checkpoint.keep)
+    return Merger(consumer=consumer, exporter=build_exporter(parts), store=store, options=options)

@@ -1,0 +1,95 @@
+"""The daemon's side of the admin RPCs: rollback, export now, forget.
+
+Anything that touches learner state runs on the learner thread (``AdminLearner.submit``); the RPC
+awaits the result without blocking the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+from service.core.forget import ForgetRequest
+from service.errors import ModelError
+from service.models.registry import ModelRegistry
+from service.models.served import Backbone, ModelSlot, load_served_model
+
+
+class AdminLearner(Protocol):
+    """What the admin actions need of the learn loop (``service.roles.learn_loop.LearnLoop`` fits)."""
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the learner thread between batches; its future."""
+
+    def pause_exports(self) -> None:
+        """Stop automatic exports once any export in flight has landed."""
+
+    def export_now(self) -> int | None:
+        """Export through the gates now; the applied version, if any."""
+
+    def forget(self, request: Any) -> dict[str, Any]:
+        """Apply a forget request now."""
+
+    def snapshot(self, why: str) -> None:
+        """Write the state durably now."""
+
+
+class DaemonAdmin:
+    """Implements ``service.serving.grpc``'s AdminHandler protocol for a running daemon.
+
+    ``learner`` returns the learn loop of this process, or None where it does not learn (role
+    ``serve``, ``merge``, or a scale-out replica): admin calls that need a learner then fail with
+    a ``ModelError`` saying where to send them.
+    """
+
+    def __init__(self, registry: ModelRegistry, slot: ModelSlot, backbone: Backbone | None, *,
+                 learner: Callable[[], AdminLearner | None]) -> None:
+        self.registry = registry
+        self.slot = slot
+        self.backbone = backbone
+        self._learner = learner
+
+    async def rollback(self, version: int | None) -> int:
+        """Republish an earlier version as the newest and serve it; return the new version.
+
+        Automatic exports pause so the rolled-back model keeps serving while the learner goes on
+        learning; an ``Export`` call (``eddy.v1.Admin/Export``) resumes them.
+        """
+        loop = self._learner()
+        if loop is not None:
+            await asyncio.wrap_future(loop.submit(loop.pause_exports))
+        new_version = await asyncio.to_thread(self.registry.rollback, version)
+        model = await asyncio.to_thread(load_served_model, self.registry.path(new_version), self.backbone,
+                                        version=new_version)
+        self.slot.swap(model)
+        return int(new_version)
+
+    async def export(self) -> int:
+        """Export the learner's head now; return the served version afterwards."""
+        loop = self._loop()
+        version = await asyncio.wrap_future(loop.submit(loop.export_now))
+        current = self.slot.get()
+        return int(version if version is not None else (current.version if current else 0))
+
+    async def forget(self, ids: list[str], label: str | None) -> dict[str, Any]:
+        """Forget events by id and/or a whole label, then export."""
+        loop = self._loop()
+        request = ForgetRequest(tuple(ids), label)
+
+        def forget_durably() -> dict[str, Any]:
+            # Unlike the control topic, nothing in Kafka replays this request: snapshot before replying.
+            outcome = loop.forget(request)
+            loop.snapshot("forget")
+            return dict(outcome)
+
+        result = await asyncio.wrap_future(loop.submit(forget_durably))
+        await asyncio.wrap_future(loop.submit(loop.export_now))
+        return dict(result)
+
+    def _loop(self) -> AdminLearner:
+        loop = self._learner()
+        if loop is None:
+            raise ModelError("this process does not learn (role 'serve'): send admin calls to a learner")
+        return loop

@@ -1,0 +1,224 @@
+"""The Open Inference Protocol v2 (KServe / Triton ``inference.GRPCInferenceService``).
+
+Any OIP client (``tritonclient.grpc``, KServe tooling) can use eddy as one model, ``model_name``:
+
+* inputs: ``TEXT`` BYTES ``[n]`` (only if this server has a backbone) or ``FEATURES`` FP32 ``[n, d]``,
+  exactly one of them, sent in ``raw_input_contents`` (BYTES as 4-byte little-endian length + bytes,
+  as tritonclient sends them) or in ``contents``;
+* outputs: ``LABEL`` BYTES ``[n, top_k]`` and ``PROBABILITY`` FP32 ``[n, top_k]``, most probable first,
+  always in ``raw_output_contents``; ``top_k`` is an optional request parameter (default 1);
+* the served version is ``response.model_version`` and the ``model_version`` response parameter.
+
+Only the methods above and the metadata/readiness calls are implemented; the rest (shared memory,
+repository control, statistics, streaming) answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import struct
+from importlib import metadata
+from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from service.models.served import ServedModel
+from service.serving.grpc.common import Predictor, RequestError, Timing, invalid, rpc, top_k_arg
+
+TEXT, FEATURES = "TEXT", "FEATURES"
+LABEL, PROBABILITY = "LABEL", "PROBABILITY"
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("eddy")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """OIP v2 over the slot's current model, published as ``model_name``."""
+
+    def __init__(self, predictor: Predictor, model_name: str) -> None:
+        self.predictor = predictor
+        self.model_name = model_name
+        self.version = _server_version()
+
+    # -- health and metadata --------------------------------------------------------------------
+    @rpc("ServerLive")
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any,
+                         timing: Timing) -> pb.ServerLiveResponse:
+        """Live whenever the process answers."""
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc("ServerReady")
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any,
+                          timing: Timing) -> pb.ServerReadyResponse:
+        """Ready once a model is served."""
+        return pb.ServerReadyResponse(ready=self.predictor.slot.get() is not None)
+
+    @rpc("ModelReady")
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any,
+                         timing: Timing) -> pb.ModelReadyResponse:
+        """Ready iff the name is ours, a model is served, and the version (if given) is the served one."""
+        model = self.predictor.slot.get()
+        ready = (request.name == self.model_name and model is not None
+                 and request.version in ("", str(model.version)))
+        return pb.ModelReadyResponse(ready=ready)
+
+    @rpc("ServerMetadata")
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any,
+                             timing: Timing) -> pb.ServerMetadataResponse:
+        """Name ``eddy``, the package version, no extensions."""
+        return pb.ServerMetadataResponse(name="eddy", version=self.version, extensions=[])
+
+    @rpc("ModelMetadata")
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any,
+                            timing: Timing) -> pb.ModelMetadataResponse:
+        """Inputs, outputs and the one served version."""
+        model = self._model(request.name, request.version)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        inputs = [tensor(name=FEATURES, datatype="FP32", shape=[-1, model.n_features])]
+        if model.backbone is not None:
+            inputs.insert(0, tensor(name=TEXT, datatype="BYTES", shape=[-1]))
+        outputs = [tensor(name=LABEL, datatype="BYTES", shape=[-1, -1]),
+                   tensor(name=PROBABILITY, datatype="FP32", shape=[-1, -1])]
+        return pb.ModelMetadataResponse(name=self.model_name, versions=[str(model.version)],
+                                        platform="onnxruntime_onnx", inputs=inputs, outputs=outputs)
+
+    # -- inference ------------------------------------------------------------------------------
+    @rpc("ModelInfer")
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any,
+                         timing: Timing) -> pb.ModelInferResponse:
+        """Top-k labels and probabilities for a batch of texts or feature rows."""
+        model = self._model(request.model_name, request.model_version)
+        k = top_k_arg(model, _int_parameter(request.parameters, "top_k", default=1))
+        wanted = _requested_outputs(request)
+        if len(request.inputs) != 1:
+            names = [t.name for t in request.inputs]
+            raise invalid(f"send exactly one input, {TEXT} or {FEATURES}; got {names or 'none'}")
+        if request.raw_input_contents and len(request.raw_input_contents) != 1:
+            raise invalid(f"got {len(request.raw_input_contents)} raw_input_contents for 1 input")
+        tensor = request.inputs[0]
+        raw = request.raw_input_contents[0] if request.raw_input_contents else None
+        if tensor.name == FEATURES:
+            timing.input = "features"
+            probs = await self.predictor.features(model, _features(tensor, raw, model.n_features))
+        elif tensor.name == TEXT:
+            timing.input = "text"
+            probs = await self.predictor.texts(model, _texts(tensor, raw))
+        else:
+            raise invalid(f"unknown input {tensor.name!r}: expected {TEXT} (BYTES [n]) "
+                          f"or {FEATURES} (FP32 [n, d])")
+        return self._response(request, model, probs, k, wanted)
+
+    def _response(self, request: pb.ModelInferRequest, model: ServedModel, probs: np.ndarray, k: int,
+                  wanted: list[str]) -> pb.ModelInferResponse:
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        top = np.take_along_axis(probs, order, axis=1).astype("<f4")
+        response = pb.ModelInferResponse(model_name=self.model_name, model_version=str(model.version),
+                                         id=request.id)
+        response.parameters["model_version"].int64_param = model.version
+        shape = [len(probs), k]
+        for name in wanted:
+            if name == LABEL:
+                labels = [model.classes[j].encode() for j in order.ravel().tolist()]
+                raw = b"".join(struct.pack("<I", len(b)) + b for b in labels)
+                response.outputs.add(name=LABEL, datatype="BYTES", shape=shape)
+            else:
+                raw = top.tobytes()
+                response.outputs.add(name=PROBABILITY, datatype="FP32", shape=shape)
+            response.raw_output_contents.append(raw)
+        return response
+
+    def _model(self, name: str, version: str) -> ServedModel:
+        """The served model, if ``name``/``version`` designate it; NOT_FOUND / UNAVAILABLE otherwise."""
+        if name != self.model_name:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"unknown model {name!r}: this server serves {self.model_name!r}")
+        model = self.predictor.model()
+        if version not in ("", str(model.version)):
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"model version {version} is not served; current is {model.version}")
+        return model
+
+
+def _requested_outputs(request: pb.ModelInferRequest) -> list[str]:
+    names = [o.name for o in request.outputs] or [LABEL, PROBABILITY]
+    unknown = sorted(set(names) - {LABEL, PROBABILITY})
+    if unknown:
+        raise invalid(f"unknown outputs {unknown}: expected {LABEL} and/or {PROBABILITY}")
+    return names
+
+
+def _int_parameter(parameters: Any, key: str, *, default: int) -> int:
+    if key not in parameters:
+        return default
+    param = parameters[key]
+    kind = param.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param"):
+        return int(getattr(param, kind))
+    if kind == "string_param" and param.string_param.strip().lstrip("-").isdigit():
+        return int(param.string_param)
+    raise invalid(f"parameter {key!r} must be an integer, got {kind}")
+
+
+def _shape(name: str, shape: list[int], ndim: int, expected: str) -> list[int]:
+    if len(shape) != ndim or any(s < 0 for s in shape):
+        raise invalid(f"input {name} has shape {shape}; expected {expected}")
+    return shape
+
+
+def _features(tensor: Any, raw: bytes | None, d: int) -> np.ndarray:
+    """FP32 ``[n, d]`` from raw little-endian bytes or ``fp32_contents``."""
+    if tensor.datatype != "FP32":
+        raise invalid(f"input {FEATURES} has datatype {tensor.datatype}; expected FP32 with shape [n, {d}]")
+    n, width = _shape(FEATURES, list(tensor.shape), 2, f"[n, {d}]")
+    if width != d:
+        raise invalid(f"got {width} features, expected {d} (input {FEATURES} shape [n, {d}])")
+    if raw is not None:
+        if len(raw) != 4 * n * width:
+            raise invalid(f"input {FEATURES}: shape [{n}, {width}] needs {4 * n * width} bytes, "
+                          f"got {len(raw)}")
+        values = np.frombuffer(raw, dtype="<f4")
+    else:
+        values = np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
+        if values.size != n * width:
+            raise invalid(f"input {FEATURES}: shape [{n}, {width}] needs {n * width} values, "
+                          f"got {values.size}")
+    return values.astype(np.float32, copy=False).reshape(n, width)
+
+
+def _texts(tensor: Any, raw: bytes | None) -> list[str]:
+    """BYTES ``[n]`` (or ``[n, 1]``) as UTF-8 strings, from length-prefixed raw bytes or contents."""
+    if tensor.datatype != "BYTES":
+        raise invalid(f"input {TEXT} has datatype {tensor.datatype}; expected BYTES with shape [n]")
+    shape = list(tensor.shape)
+    if len(shape) == 2 and shape[1] == 1:
+        shape = shape[:1]
+    (n,) = _shape(TEXT, shape, 1, "[n] (or [n, 1])")
+    items = _unpack_bytes(raw) if raw is not None else list(tensor.contents.bytes_contents)
+    if len(items) != n:
+        raise invalid(f"input {TEXT}: shape [{n}] but {len(items)} strings were sent")
+    try:
+        return [item.decode("utf-8") for item in items]
+    except UnicodeDecodeError:
+        raise invalid(f"input {TEXT}: strings must be UTF-8") from None
+
+
+def _unpack_bytes(raw: bytes) -> list[bytes]:
+    """Split tritonclient's BYTES serialisation: repeated (uint32 little-endian length, bytes)."""
+    items, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise invalid(f"input {TEXT}: truncated length prefix at byte {pos}")
+        (size,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + size > len(raw):
+            raise invalid(f"input {TEXT}: string at byte {pos} claims {size} bytes, "
+                          f"only {len(raw) - pos} remain")
+        items.append(raw[pos:pos + size])
+        pos += size
+    return items
