@@ -10,21 +10,40 @@ T = TypeVar("T")
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.05,
-             message: str = "the condition") -> T:
+             message: str = "the condition", ignore: tuple[type[BaseException], ...] = ()) -> T:
     """Call ``predicate`` until it returns something truthy and return that; fail after ``timeout`` s.
 
-    Use this instead of a fixed sleep: it returns as soon as the condition holds. The failure is an
-    ``AssertionError`` naming ``message`` and the last value seen.
+    The one condition wait of the test suite: use it instead of a fixed sleep, it returns as soon
+    as the condition holds. Exceptions of the types in ``ignore`` (a server not listening yet)
+    count as "not yet". The failure is an ``AssertionError`` naming ``message`` and the last value
+    or error seen.
     """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value: Any = predicate()
+        except ignore as exc:
+            value = exc
+        if value and not isinstance(value, BaseException):
+            return value  # type: ignore[no-any-return]
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {message} "
+                                 f"(last value: {value!r})")
+        time.sleep(interval)
+
+
+async def async_wait_for(predicate: Callable[[], T], timeout: float = 5.0, message: str = "the condition") -> T:
+    """``wait_for`` for code running on an asyncio loop: yields to the loop between checks."""
+    import asyncio
+
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {message} "
-                                 f"(last value: {value!r})")
-        time.sleep(interval)
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {message} (last value: {value!r})")
+        await asyncio.sleep(0.001)
 
 
 def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0, **config: Any) -> list[Any]:

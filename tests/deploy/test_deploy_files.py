@@ -198,7 +198,9 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 def test_k8s_manifests_validate_strictly_against_the_kubernetes_schemas() -> None:
-    kv = pytest.importorskip("kubernetes_validate", reason="optional: pip install kubernetes-validate")
+    import kubernetes_validate as kv  # a dev dependency: ships the schemas, validates offline
+
+    validated = []
     for path, doc in _k8s_docs():
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # a CRD: no schema in the Kubernetes bundle
@@ -206,6 +208,18 @@ def test_k8s_manifests_validate_strictly_against_the_kubernetes_schemas() -> Non
             kv.validate(doc, "1.28.0", strict=True)  # the oldest version with GA gRPC probes is 1.27
         except Exception as exc:
             pytest.fail(f"{path.name} {doc['kind']}/{doc['metadata']['name']}: {exc}")
+        validated.append(doc["kind"])
+    assert {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget"} <= set(validated), validated
+
+
+def test_the_schema_check_rejects_a_broken_manifest() -> None:
+    import kubernetes_validate as kv
+
+    _, deployment = next((p, d) for p, d in _k8s_docs() if d["kind"] == "StatefulSet")
+    broken = json.loads(json.dumps(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["ports"] = "8000"  # a list is required
+    with pytest.raises(kv.ValidationError):
+        kv.validate(broken, "1.28.0", strict=True)
 
 
 def test_kubectl_kustomize_builds_the_manifests() -> None:

@@ -8,11 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,19 +50,22 @@ class DaemonProc:
         return total
 
     def wait_metric(self, name: str, cond: Callable[[float], bool], timeout: float = 120) -> float:
-        deadline = time.monotonic() + timeout
-        value = float("nan")
-        while time.monotonic() < deadline:
+        """Wait until ``cond(metric)`` holds and return the metric; fail at once if the daemon exited."""
+        last = [float("nan")]
+
+        def check() -> float | None:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                value = self.metric(name)
-                if cond(value):
-                    return value
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting on {name} (last {value}):\n{self.log()[-4000:]}")
+            last[0] = self.metric(name)
+            return last[0] if cond(last[0]) else None
+
+        try:
+            value = wait_for(check, timeout, message=name, ignore=(OSError,))
+        except AssertionError as exc:
+            if "daemon exited" in str(exc):
+                raise
+            raise AssertionError(f"timed out waiting on {name} (last {last[0]}):\n{self.log()[-4000:]}") from None
+        return float(value)
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, wait, return the exit code; a non-zero one prints the log's tail for the report."""

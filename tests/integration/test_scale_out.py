@@ -20,6 +20,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from learner.heads import make_head
 from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
 from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
+from tests.helpers import wait_for
 from tests.integration.daemon import REPO, DaemonProc, daemon_env, start_daemon
 from tests.integration.streams import feature_events
 
@@ -56,14 +57,17 @@ class Client(threading.Thread):
 
 def _wait_merged(merger: DaemonProc, learners: list[DaemonProc], n: int, timeout: float) -> None:
     """Wait until the merger has merged ``n`` events, failing at once if a learner replica died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def merged() -> bool:
         for learner in learners:
             assert learner.proc.poll() is None, f"learner exited:\n{learner.log()[-3000:]}"
-        if merger.wait_metric(LEARNED, lambda v: True) >= n:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"merger did not reach {n} events:\n{merger.log()[-3000:]}")
+        return merger.wait_metric(LEARNED, lambda v: True) >= n
+
+    try:
+        wait_for(merged, timeout, interval=0.2, message=f"the merger to reach {n} events")
+    except AssertionError as exc:
+        if "learner exited" in str(exc):
+            raise
+        raise AssertionError(f"merger did not reach {n} events:\n{merger.log()[-3000:]}") from None
 
 
 def _create_topic(bootstrap: str, topic: str) -> None:
@@ -144,7 +148,8 @@ def test_three_replicas_one_killed_merge_to_the_single_learner_statistics(kafka_
         producer.join()
         _wait_merged(merger, learners, N_EVENTS, timeout=240)
         server.wait_metric("eddy_model_version", lambda v: v >= 1, timeout=30)
-        time.sleep(0.5)  # a few more predictions against the final model
+        calls = len(client.calls)  # a few more predictions against the final model
+        wait_for(lambda: len(client.calls) >= calls + 5, 10, message="predictions against the final model")
     finally:
         if client is not None:
             client.stop.set()

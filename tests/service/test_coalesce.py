@@ -11,6 +11,7 @@ import pytest
 
 from service.errors import BackboneUnavailable
 from service.serving.grpc.coalesce import TextCoalescer
+from tests.helpers import async_wait_for
 
 
 class GatedBackbone:
@@ -44,10 +45,9 @@ async def _first_then_queue(backbone: GatedBackbone, coalescer: TextCoalescer,
                             queued: list[list[str]]) -> list[np.ndarray | BaseException]:
     """One request starts (and blocks in the encoder), the others arrive meanwhile, then it is released."""
     first = asyncio.ensure_future(coalescer.embed(backbone, ["warm"]))
-    while not backbone.calls:
-        await asyncio.sleep(0.001)
+    await async_wait_for(lambda: backbone.calls, message="the first call to reach the encoder")
     others = [asyncio.ensure_future(coalescer.embed(backbone, texts)) for texts in queued]
-    await asyncio.sleep(0.01)
+    await async_wait_for(lambda: len(coalescer._queue) == len(queued), message="the others to queue")
     backbone.gate.set()
     return await asyncio.gather(first, *others, return_exceptions=True)
 
@@ -84,10 +84,9 @@ def test_an_unavailable_backbone_fails_every_request_in_the_call() -> None:
     async def run() -> list[np.ndarray | BaseException]:
         coalescer = TextCoalescer(max_texts=64)
         first = asyncio.ensure_future(coalescer.embed(backbone, ["warm"]))
-        while not backbone.calls:
-            await asyncio.sleep(0.001)
+        await async_wait_for(lambda: backbone.calls, message="the first call to reach the encoder")
         others = [asyncio.ensure_future(coalescer.embed(backbone, [t])) for t in "xyz"]
-        await asyncio.sleep(0.01)
+        await async_wait_for(lambda: len(coalescer._queue) == 3, message="the others to queue")
         backbone.unavailable = True
         backbone.gate.set()
         return await asyncio.gather(first, *others, return_exceptions=True)
@@ -103,11 +102,10 @@ def test_a_cancelled_request_does_not_disturb_the_others() -> None:
     async def run() -> tuple[np.ndarray, np.ndarray]:
         coalescer = TextCoalescer(max_texts=64)
         first = asyncio.ensure_future(coalescer.embed(backbone, ["warm"]))
-        while not backbone.calls:
-            await asyncio.sleep(0.001)
+        await async_wait_for(lambda: backbone.calls, message="the first call to reach the encoder")
         gone = asyncio.ensure_future(coalescer.embed(backbone, ["gone"]))
         kept = asyncio.ensure_future(coalescer.embed(backbone, ["kept"]))
-        await asyncio.sleep(0.01)
+        await async_wait_for(lambda: len(coalescer._queue) == 2, message="both to queue")
         gone.cancel()  # the client's deadline passed
         backbone.gate.set()
         return await first, await kept
