@@ -103,7 +103,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
         """Inputs, outputs and the loaded versions (oldest first) of ``name`` at ``version``."""
-        model = self._model(name, version)
+        model = self.model(name, version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         inputs = [tensor(name=FEATURES, datatype="FP32", shape=[-1, model.n_features])]
         if model.backbone is not None:
@@ -116,7 +116,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def infer(self, request: pb.ModelInferRequest, timing: Timing) -> pb.ModelInferResponse:
         """Top-k labels and probabilities for a batch of texts or feature rows; ``RequestError`` if not."""
-        model = self._model(request.model_name, request.model_version)
+        model = self.model(request.model_name, request.model_version)
         k = top_k_arg(model, _int_parameter(request.parameters, "top_k", default=1))
         wanted = _requested_outputs(request)
         if len(request.inputs) != 1:
@@ -156,7 +156,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.raw_output_contents.append(raw)
         return response
 
-    def _model(self, name: str, version: str) -> ServedModel:
+    def model(self, name: str, version: str) -> ServedModel:
         """The model ``name``/``version`` designate ("" = the served one); NOT_FOUND / UNAVAILABLE otherwise."""
         if name != self.model_name:
             raise RequestError(grpc.StatusCode.NOT_FOUND,

@@ -88,6 +88,7 @@ class RestApi:
     async def infer(self, request: web.Request, timing: Timing) -> web.Response:
         """Decode, answer through the OIP core, encode (as JSON, or JSON then binary data)."""
         name, version = _target(request)
+        self.oip.model(name, version)  # an unknown model or version is a 404 whatever the body says
         body = await request.read()
         message, binary = codec.infer_request(body, request.headers.get(codec.HEADER_LENGTH),
                                               model_name=name, version=version)
