@@ -144,8 +144,9 @@ class Daemon:
         runner, port = await start_rest(
             OipServicer(predictor, sv.model_name), host=sv.host, port=sv.http_port,
             max_body_bytes=sv.max_message_bytes, predict_token=wiring.secret(sv.predict_token),
-            admin_token=wiring.secret(sv.admin_token))
-        log.info("HTTP/REST on http://%s:%d/v2 (Open Inference Protocol v2)", sv.host, port)
+            admin_token=wiring.secret(sv.admin_token), tls_cert=sv.tls_cert, tls_key=sv.tls_key)
+        log.info("HTTP/REST on %s://%s:%d/v2 (Open Inference Protocol v2)", "https" if sv.tls_cert else "http",
+                 sv.host, port)
         return runner
 
     async def _start_grpc(self, predictor: Predictor) -> grpc.aio.Server:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -181,3 +184,17 @@ def test_predict_token_guards_all_but_health(slot: ModelSlot) -> None:
         status, body = call(f"{http}/v2/models/eddy/infer", _infer_body(X),
                             headers={"Authorization": "Bearer s3cret"})
         assert status == 200 and body["model_version"] == "4"
+
+
+def test_https_with_the_grpc_certificate(slot: ModelSlot, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                           "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                           "-keyout", str(key), "-out", str(cert)], capture_output=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"openssl cannot make a test certificate: {made.stderr.decode()[-200:]}")
+    with running_servers(slot, tls=(cert, key)) as (https, _):
+        assert https.startswith("https://")
+        context = ssl.create_default_context(cafile=str(cert))
+        status, body = call(f"{https}/v2/models/eddy/infer", _infer_body(X), context=context)
+        assert status == 200 and body["outputs"][0]["data"] == _labels(7, X)

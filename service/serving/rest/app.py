@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -166,10 +168,11 @@ def _json_errors(max_body_bytes: int) -> Callable[..., Awaitable[web.StreamRespo
 
 
 async def start_rest(oip: OipServicer, *, host: str, port: int, max_body_bytes: int,
-                     predict_token: str | None, admin_token: str | None,
-                     grace: float = 2.0) -> tuple[web.AppRunner, int]:
+                     predict_token: str | None, admin_token: str | None, grace: float = 2.0,
+                     tls_cert: Path | None = None, tls_key: Path | None = None) -> tuple[web.AppRunner, int]:
     """Serve OIP v2 over HTTP on ``host:port`` (0 picks a free port); the runner and the bound port.
 
+    HTTPS iff ``tls_cert`` and ``tls_key`` (PEM files, the gRPC server's) are given.
     ``stop_rest(runner)`` gives in-flight requests ``grace`` seconds to finish.
 
     Raises ``ConfigError`` if the port cannot be bound.
@@ -178,14 +181,18 @@ async def start_rest(oip: OipServicer, *, host: str, port: int, max_body_bytes: 
     runner = web.AppRunner(RestApi(oip, tokens=tokens).app(max_body_bytes), access_log=None,
                            handle_signals=False, shutdown_timeout=grace)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=False)
     try:
+        tls = None
+        if tls_cert is not None and tls_key is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(tls_cert, tls_key)
+        site = web.TCPSite(runner, host, port, reuse_port=False, ssl_context=tls)
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"serving.http_port: cannot bind {host}:{port}: {exc.strerror}") from None
     bound = int(runner.addresses[0][1])
-    log.info("OIP v2 over HTTP/REST listening on http://%s:%d/v2", host, bound)
+    log.info("OIP v2 over HTTP/REST listening on %s://%s:%d/v2", "https" if tls else "http", host, bound)
     return runner, bound
 
 
