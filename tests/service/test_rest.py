@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 from service.models.served import ModelSlot
 from service.serving.grpc.gen.eddy.v1 import inference_pb2 as eddy_pb
 from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as eddy_grpc
-from tests.service.grpc_fixtures import CLASSES, D, make_readout, served
+from tests.service.grpc_fixtures import CLASSES, D, make_readout, real_backbone, served, text_model
 from tests.service.rest_fixtures import call, running_servers
 
 X = np.random.default_rng(3).normal(size=(4, D)).astype(np.float32)
@@ -198,3 +199,36 @@ def test_https_with_the_grpc_certificate(slot: ModelSlot, tmp_path: Path) -> Non
         context = ssl.create_default_context(cafile=str(cert))
         status, body = call(f"{https}/v2/models/eddy/infer", _infer_body(X), context=context)
         assert status == 200 and body["outputs"][0]["data"] == _labels(7, X)
+
+
+def test_binary_data_and_parameter_mistakes_are_400(urls: tuple[str, str]) -> None:
+    http, _ = urls
+    infer = f"{http}/v2/models/eddy/infer"
+    head = json.dumps({"inputs": [{"name": "FEATURES", "shape": [4, D], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": X.nbytes}}]}).encode()
+    status, body = call(infer, head + X.tobytes(), headers={"Inference-Header-Content-Length": str(len(head))})
+    assert status == 200 and body["outputs"][0]["data"] == _labels(7, X)
+    status, body = call(infer, head + X.tobytes()[:-4], headers={"Inference-Header-Content-Length": str(len(head))})
+    assert status == 400 and f"binary_data_size {X.nbytes}" in body["error"]
+    status, body = call(infer, head, headers={"Inference-Header-Content-Length": "many"})
+    assert status == 400 and "Inference-Header-Content-Length" in body["error"]
+    status, body = call(infer, _infer_body(X, parameters={"top_k": 2**63 + 5}))
+    assert status == 400 and "int64" in body["error"]
+    status, body = call(infer, _infer_body(X, parameters={"top_k": "two"}))
+    assert status == 400 and "top_k" in body["error"]
+    status, body = call(infer, b"[1, 2]")
+    assert status == 400 and "JSON object" in body["error"]
+
+
+def test_text_as_json_strings_with_the_real_backbone() -> None:
+    backbone = real_backbone()
+    slot = ModelSlot()
+    slot.swap(text_model(3, backbone))
+    with running_servers(slot) as (http, _):
+        body = {"inputs": [{"name": "TEXT", "shape": [2], "datatype": "BYTES",
+                            "data": ["my card payment was declined", "book a hotel for my trip"]}]}
+        status, answer = call(f"{http}/v2/models/eddy/infer", body)
+        assert status == 200, answer
+        assert answer["outputs"][0]["data"] == ["cards", "travel"]
+        status, model = call(f"{http}/v2/models/eddy")
+        assert model["inputs"][0] == {"name": "TEXT", "datatype": "BYTES", "shape": [-1]}

@@ -188,6 +188,8 @@ def _set_parameters(parameters: Any, values: dict[str, Any]) -> None:
         if isinstance(value, bool):
             parameters[key].bool_param = value
         elif isinstance(value, int):
+            if not -2**63 <= value < 2**63:
+                raise invalid(f"parameter {key!r} is out of the int64 range: {value}")
             parameters[key].int64_param = value
         elif isinstance(value, float):
             parameters[key].double_param = value
