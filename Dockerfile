@@ -102,8 +102,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /var/lib/eddy
 VOLUME ["/var/lib/eddy"]
-# 50051: gRPC (eddy.v1, KServe v2 / Triton, grpc.health.v1); 9100: /metrics, /healthz, /readyz.
-EXPOSE 50051 9100
+# 50051: gRPC (eddy.v1, KServe v2 / Triton, grpc.health.v1); 8000: KServe v2 / Triton over HTTP/REST;
+# 9100: /metrics, /healthz, /readyz.
+EXPOSE 50051 8000 9100
 
 # Liveness only: /healthz is 200 while the process loop runs (readiness is /readyz, for orchestrators).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \

@@ -79,11 +79,22 @@ async def serve(variant: str, mode: str) -> None:
         tls_key=None,
         coalesce_texts=not mode.endswith("-nocoalesce"),
     )
+    # OIP v2 over HTTP/REST beside it, over the same slot (bench/serving.py compares the two).
+    from service.serving.grpc.common import Limits, Predictor
+    from service.serving.grpc.oip_v2 import OipServicer
+    from service.serving.rest.app import start_rest, stop_rest
+
+    predictor = Predictor(slot, Limits(max_batch=1024, max_text_chars=10_000),
+                          coalesce_texts=not mode.endswith("-nocoalesce"))
+    rest, http_port = await start_rest(OipServicer(predictor, "eddy"), host="127.0.0.1", port=0,
+                                       max_body_bytes=4 << 20, predict_token=None, admin_token=None)
     print(port, flush=True)
+    print(http_port, flush=True)  # a second line: the HTTP port
     await asyncio.get_running_loop().run_in_executor(
         None, sys.stdin.readline
     )  # until the parent closes stdin
     await stop_server(server, 1.0)
+    await stop_rest(rest)
 
 
 async def drive(port: int, variant: str, concurrency: int, requests: int) -> list[float]:

@@ -13,8 +13,10 @@ section) and the plots ``serving_latency.png`` and ``freshness.png``.
    Blocks with and without swaps alternate in the same run. Every response is checked: success,
    ``model_version`` never decreasing per client, and its label equal to what the readout of that
    version predicts (so a response can only come from the whole model it names).
-2. **latency** -- features at concurrency 8 through eddy.v1 and OIP v2 (``tritonclient.grpc.aio``)
-   against a server child process (``bench/grpc_latency.py --serve``: its own GIL); short text at
+2. **latency** -- features at concurrency 8 through eddy.v1 and OIP v2 (``tritonclient.grpc.aio``),
+   and OIP v2 over HTTP/REST (JSON as curl sends it, from a lean keep-alive client; and the
+   unmodified ``tritonclient.http.aio`` with binary tensor data) against the same server child process
+   (``bench/grpc_latency.py --serve``: its own GIL, gRPC and HTTP on one event loop); short text at
    concurrency 1, once idle and once against the real daemon (real broker) while it learns text
    events produced continuously.
 3. **freshness** -- the real daemon + real broker: for each new class, the time from producing
@@ -392,14 +394,21 @@ def count_inconsistent(seed: int, clients: list[np.ndarray]) -> int:
 # ---------------------------------------------------------------------------------------------
 @contextmanager
 def server_child(variant: str, mode: str = "inline") -> Iterator[str]:
-    """``bench/grpc_latency.py --serve <variant> <mode>`` in a child process; yields its address."""
+    """``bench/grpc_latency.py --serve <variant> <mode>`` in a child process; yields its gRPC address."""
+    with server_child_ports(variant, mode) as (addr, _):
+        yield addr
+
+
+@contextmanager
+def server_child_ports(variant: str, mode: str = "inline") -> Iterator[tuple[str, str]]:
+    """Like ``server_child``, yielding ``(gRPC address, HTTP host:port)`` of the same server process."""
     command = [sys.executable, str(ROOT / "bench" / "grpc_latency.py"), "--serve", variant, mode]
     child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        line = child.stdout.readline() if child.stdout else ""
-        if not line.strip().isdigit():
-            raise RuntimeError(f"server child ({variant}) did not print its port (exit {child.poll()})")
-        yield f"127.0.0.1:{int(line)}"
+        lines = [child.stdout.readline() if child.stdout else "" for _ in range(2)]
+        if not all(line.strip().isdigit() for line in lines):
+            raise RuntimeError(f"server child ({variant}) did not print its ports (exit {child.poll()})")
+        yield f"127.0.0.1:{int(lines[0])}", f"127.0.0.1:{int(lines[1])}"
     finally:
         if child.stdin:
             child.stdin.close()
@@ -484,6 +493,68 @@ async def oip_features(addr: str, concurrency: int, n: int, seed: int) -> dict[s
             "latency": summarize(lat)}
 
 
+async def rest_features(hostport: str, concurrency: int, n: int, seed: int, *, binary: bool) -> dict[str, Any]:
+    """OIP v2 infer(FEATURES [1, 384]) over HTTP/REST, one keep-alive connection per concurrent caller.
+
+    ``binary``: the unmodified ``tritonclient.http.aio`` with binary tensor data (a heavy client:
+    aiohttp plus its own JSON work cost it ~3 ms a call here even at concurrency 1). Otherwise the
+    JSON body as curl sends it, written whole by a lean asyncio HTTP/1.1 client (what wrk does), so
+    the latency is the server's, as with the gRPC clients.
+    """
+    X = client_features(seed, 99, 16)
+    if binary:
+        import tritonclient.http.aio as tch
+
+        inputs = []
+        for row in X:
+            tensor = tch.InferInput("FEATURES", [1, D], "FP32")
+            tensor.set_data_from_numpy(row[None, :], binary_data=True)
+            inputs.append([tensor])
+        outputs = [tch.InferRequestedOutput("LABEL"), tch.InferRequestedOutput("PROBABILITY")]
+        client = tch.InferenceServerClient(url=hostport, conn_limit=concurrency)
+        try:
+            lat, failed, wall = await closed_loop(
+                lambda i: client.infer("eddy", inputs[i % len(inputs)], outputs=outputs),
+                concurrency=concurrency, n=n, warmup=200)
+        finally:
+            await client.close()
+        name, how = "OIP v2 REST infer (binary data)", "tritonclient.http.aio, one client"
+    else:
+        host, port = hostport.split(":")
+        requests = []
+        for row in X:
+            body = json.dumps({"inputs": [{"name": "FEATURES", "shape": [1, D], "datatype": "FP32",
+                                           "data": row.tolist()}]}).encode()
+            requests.append(b"POST /v2/models/eddy/infer HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json"
+                            b"\r\nContent-Length: %d\r\n\r\n%s" % (hostport.encode(), len(body), body))
+        pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+        for _ in range(concurrency):
+            pool.put_nowait(await asyncio.open_connection(host, int(port)))
+
+        async def infer(i: int) -> bytes:
+            reader, writer = await pool.get()
+            try:
+                writer.write(requests[i % len(requests)])
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                answer = await reader.readexactly(length)
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(head.split(b"\r\n")[0].decode())
+                return answer
+            finally:
+                pool.put_nowait((reader, writer))
+
+        try:
+            lat, failed, wall = await closed_loop(infer, concurrency=concurrency, n=n, warmup=200)
+        finally:
+            while not pool.empty():
+                pool.get_nowait()[1].close()
+        name, how = "OIP v2 REST infer (JSON)", "asyncio HTTP/1.1 keep-alive, one connection per caller"
+    return {"endpoint": name, "client": how, "concurrency": concurrency, "failed": failed,
+            "requests_per_s": len(lat) / wall, "latency": summarize(lat)}
+
+
 async def eddy_v1_text(addr: str, texts: list[str], n: int, seconds: float | None = None,
                        concurrency: int = 1) -> dict[str, Any]:
     """eddy.v1 Predict(text) at ``concurrency`` (``n`` requests, or as many as fit in ``seconds``)."""
@@ -530,9 +601,19 @@ def run_latency(plan: Plan, seed: int, cluster: Cluster, *, while_learning: bool
                                      "head d=384 k=77 run inline on the event loop",
                            "targets": {"features_c8_p99_ms": TARGETS["features_c8_p99_ms"],
                                        "text_c1_p99_ms": TARGETS["text_c1_p99_ms"]}}
-    with server_child("linear") as addr:
+    with server_child_ports("linear") as (addr, hostport):
         out["features_eddy_v1"] = asyncio.run(eddy_v1_features(addr, 8, plan.latency_requests, seed))
         out["features_oip_v2"] = asyncio.run(oip_features(addr, 8, plan.latency_requests, seed))
+        out["features_rest_binary"] = asyncio.run(rest_features(hostport, 8, plan.latency_requests, seed,
+                                                                binary=True))
+        out["features_rest_json"] = asyncio.run(rest_features(hostport, 8, plan.latency_requests, seed,
+                                                              binary=False))
+    grpc_p99 = out["features_oip_v2"]["latency"]["p99_ms"]
+    out["rest_over_grpc_p99_ratio"] = {
+        "binary": out["features_rest_binary"]["latency"]["p99_ms"] / grpc_p99,
+        "json": out["features_rest_json"]["latency"]["p99_ms"] / grpc_p99,
+        "note": ("OIP v2 over HTTP/REST p99 divided by OIP v2 over gRPC (tritonclient.grpc.aio) p99, same "
+                 "server process, same run; json: lean HTTP client, binary: tritonclient.http.aio")}
     with server_child("text") as addr:
         out["text_idle"] = asyncio.run(eddy_v1_text(addr, short_texts(seed), plan.text_requests))
     out["text_idle"]["server"] = "child process, MiniLM ONNX backbone (1 thread), idle"
@@ -925,6 +1006,8 @@ def table_rows(parts: dict[str, Any]) -> list[tuple[str, str, str]]:
     if lat:
         for key, name, target in (("features_eddy_v1", "features c=8 eddy.v1", "p99 <= 5 ms"),
                                   ("features_oip_v2", "features c=8 OIP v2", "p99 <= 5 ms"),
+                                  ("features_rest_binary", "features c=8 OIP v2 REST binary", ""),
+                                  ("features_rest_json", "features c=8 OIP v2 REST JSON", ""),
                                   ("text_idle", "text c=1 idle", "p99 <= 60 ms"),
                                   ("text_c8_coalesced", "text c=8, requests share encoder calls", ""),
                                   ("text_c8_per_request", "text c=8, one encoder call per request", ""),
@@ -937,6 +1020,10 @@ def table_rows(parts: dict[str, Any]) -> list[tuple[str, str, str]]:
                              f"  ({r['requests_per_s']:.0f} req/s, {r['failed']} failed)", target))
             else:
                 rows.append((f"latency: {name}", r.get("status", "not run"), target))
+        ratio = lat.get("rest_over_grpc_p99_ratio")
+        if ratio:
+            rows.append(("latency: features c=8 p99 REST / gRPC (OIP v2)",
+                         f"{ratio['binary']:.2f} binary, {ratio['json']:.2f} JSON", ""))
     fr = parts.get("freshness")
     if fr:
         for key in ("features", "text"):
@@ -972,7 +1059,9 @@ def plot_latency(parts: dict[str, Any], path: Path) -> None:
     plots.cdf(a, {"with swaps": curve(conds.get("swaps")), "without swaps": curve(conds.get("no_swaps"))},
               xlabel="latency (ms)", title="eddy.v1 Predict(features) while swapping", log_x=True)
     lat = parts.get("latency") or {}
-    plots.cdf(b, {"eddy.v1": curve(lat.get("features_eddy_v1")), "OIP v2": curve(lat.get("features_oip_v2"))},
+    plots.cdf(b, {"eddy.v1": curve(lat.get("features_eddy_v1")), "OIP v2": curve(lat.get("features_oip_v2")),
+                  "OIP v2 REST (binary)": curve(lat.get("features_rest_binary")),
+                  "OIP v2 REST (JSON)": curve(lat.get("features_rest_json"))},
               xlabel="latency (ms)", title="features, concurrency 8", log_x=True)
     plots.targets(b, {"p99 target 5 ms": TARGETS["features_c8_p99_ms"]})
     plots.cdf(c, {"idle": curve(lat.get("text_idle")),

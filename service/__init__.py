@@ -8,7 +8,8 @@ From the bottom up (a module may import its own subpackage and the layers below 
   format); no sockets, no threads;
 - ``service.kafka``: Kafka clients, dead letters, re-reading events, the scale-out deltas topic;
 - ``service.models``: the backbone, the exporter and its gates, the model registry, the served model;
-- ``service.serving``: what clients call: gRPC (eddy.v1, OIP v2), operations HTTP, admin actions;
+- ``service.serving``: what clients call: gRPC (eddy.v1, OIP v2), OIP v2 over HTTP/REST, operations
+  HTTP, admin actions;
 - ``service.roles``: the learn roles (single-process learn loop, scale-out replica, merger);
 - ``service.tools``: developer tools (local broker, demo, ``top``, ``produce``, ``predict``, state
   inspection); nothing in the daemon imports them;

@@ -118,10 +118,13 @@ class ExportSettings(_Section):
 
 
 class ServingSettings(_Section):
-    """The gRPC inference server."""
+    """The inference servers: gRPC, and OIP v2 over HTTP/REST."""
 
     host: str = "127.0.0.1"
     grpc_port: int = Field(50051, ge=0, le=65_535)
+    http_port: int = Field(8000, ge=0, le=65_535)  # OIP v2 over HTTP/REST (KServe/Triton convention)
+    # The newest versions kept loaded for version-pinned requests (each costs one head, not a backbone).
+    versions_loaded: int = Field(3, ge=1, le=100)
     model_name: str = "eddy"
     max_message_bytes: int = Field(4 * 1_048_576, gt=1024)
     max_batch: int = Field(1024, gt=0)

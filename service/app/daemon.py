@@ -1,10 +1,10 @@
 """``eddy serve``: wire the parts together and run them until a signal says stop.
 
 Roles: ``learn`` consumes and learns (and exports to the registry), ``merge`` sums scale-out
-replicas' statistics into models, ``serve`` answers gRPC from the
+replicas' statistics into models, ``serve`` answers gRPC and HTTP/REST from the
 registry's newest model, ``all`` (default) does both in one process, swapping models in place.
 Lifecycle: startup (restore snapshot, load the served model, open sockets) -> main loop ->
-shutdown (final snapshot, graceful gRPC stop). A second SIGINT/SIGTERM forces exit.
+shutdown (final snapshot, graceful gRPC and HTTP stop). A second SIGINT/SIGTERM forces exit.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Protocol
 
 import grpc
 import numpy as np
+from aiohttp import web
 
 from service import metrics
 from service.app import wiring
@@ -30,8 +31,11 @@ from service.models.registry import ModelRegistry
 from service.models.served import ModelSlot, RegistryFollower, load_registered
 from service.roles.learn_loop import LearnLoop
 from service.serving.admin import DaemonAdmin
+from service.serving.grpc.common import Limits, Predictor
+from service.serving.grpc.oip_v2 import OipServicer
 from service.serving.grpc.server import start_server, stop_server
 from service.serving.ops_http import HealthReport, assess, start_http_server
+from service.serving.rest.app import start_rest, stop_rest
 
 log = logging.getLogger("eddy")
 
@@ -80,7 +84,7 @@ class Daemon:
         self.role = role
         self.backbone = LazyBackbone(settings.backbone)
         self.registry = ModelRegistry(Path(settings.export.registry_dir), keep=settings.export.keep)
-        self.slot = ModelSlot()
+        self.slot = ModelSlot(settings.serving.versions_loaded)
         self.parts = wiring.Parts(settings, self.backbone, self.registry, self.slot)
         self.loop: Learner | None = None
         self.crashed = False
@@ -96,9 +100,13 @@ class Daemon:
         http, port = start_http_server(self.s.metrics.host, self.s.metrics.port, health=self.health)
         self.parts.closers.append(http)
         log.info("metrics on http://%s:%d/metrics", self.s.metrics.host, port)
-        server = None
+        server = rest = None
         if self.role in ("all", "serve"):
-            server = await self._start_grpc()
+            sv = self.s.serving
+            predictor = Predictor(self.slot, Limits(max_batch=sv.max_batch, max_text_chars=sv.max_text_chars),
+                                  coalesce_texts=sv.coalesce_texts)  # one for both: texts coalesce across them
+            server = await self._start_grpc(predictor)
+            rest = await self._start_rest(predictor)
         threads = []
         if self.role in ("all", "learn", "merge"):
             threads.append(self._start_learner(stop))
@@ -110,27 +118,45 @@ class Daemon:
         self.backbone.close()  # an export still running would hold the learner for minutes
         for t in threads:
             await asyncio.get_running_loop().run_in_executor(None, t.join, 60)
-        if server is not None:
-            await stop_server(server, 2.0)
+        if server is not None and rest is not None:
+            await asyncio.gather(stop_rest(rest), stop_server(server, 2.0))
 
     def _load_current_model(self) -> None:
-        version = self.registry.current()
-        if version is None:
-            return
+        """Load the current version, after the kept ones before it that requests may pin."""
         try:
-            self.slot.swap(load_registered(self.registry, version, self.backbone))
-            log.info("serving model v%d from the registry", version)
+            current = self.registry.current()
+            kept = sorted(int(v["version"]) for v in self.registry.versions())
         except Exception as exc:
-            log.warning("could not load model v%d from the registry: %s", version, exc)
+            log.warning("could not read the model registry: %s", exc)
+            return
+        if current is None:
+            return
+        older = [v for v in kept if v < current][::-1][:self.slot.versions_loaded - 1][::-1]
+        for version in [*older, current]:
+            try:
+                self.slot.swap(load_registered(self.registry, version, self.backbone))
+            except Exception as exc:
+                log.warning("could not load model v%d from the registry: %s", version, exc)
+        log.info("serving model v%s from the registry (loaded: %s)", self.slot.version, self.slot.loaded_versions())
 
-    async def _start_grpc(self) -> grpc.aio.Server:
+    async def _start_rest(self, predictor: Predictor) -> web.AppRunner:
+        sv = self.s.serving
+        runner, port = await start_rest(
+            OipServicer(predictor, sv.model_name), host=sv.host, port=sv.http_port,
+            max_body_bytes=sv.max_message_bytes, predict_token=wiring.secret(sv.predict_token),
+            admin_token=wiring.secret(sv.admin_token), tls_cert=sv.tls_cert, tls_key=sv.tls_key)
+        log.info("HTTP/REST on %s://%s:%d/v2 (Open Inference Protocol v2)", "https" if sv.tls_cert else "http",
+                 sv.host, port)
+        return runner
+
+    async def _start_grpc(self, predictor: Predictor) -> grpc.aio.Server:
         sv = self.s.serving
         server, port = await start_server(
             self.slot, host=sv.host, port=sv.grpc_port, model_name=sv.model_name,
             max_message_bytes=sv.max_message_bytes, max_batch=sv.max_batch, max_text_chars=sv.max_text_chars,
             admin=DaemonAdmin(self.registry, self.slot, self.backbone, learner=self._admin_learner),
             admin_token=wiring.secret(sv.admin_token), predict_token=wiring.secret(sv.predict_token),
-            tls_cert=sv.tls_cert, tls_key=sv.tls_key, coalesce_texts=sv.coalesce_texts,
+            tls_cert=sv.tls_cert, tls_key=sv.tls_key, coalesce_texts=sv.coalesce_texts, predictor=predictor,
         )
         log.info("gRPC on %s:%d (eddy.v1, inference.GRPCInferenceService, health, reflection)", sv.host, port)
         return server

@@ -251,10 +251,19 @@ def _input_width(session: ort.InferenceSession) -> int:
 
 
 class ModelSlot:
-    """Holds the served model; ``get`` is a plain attribute read, ``swap`` only moves forward."""
+    """Holds the served model; ``get`` is a plain attribute read, ``swap`` only moves forward.
 
-    def __init__(self) -> None:
+    The newest ``versions_loaded`` models stay loaded so a request may pin one of them
+    (``find``); older ones are dropped at the swap that pushes them out, which releases their
+    ONNX Runtime sessions. They share the backbone object, so each costs only its head.
+    """
+
+    def __init__(self, versions_loaded: int = 3) -> None:
+        if versions_loaded < 1:
+            raise ValueError(f"versions_loaded must be at least 1, got {versions_loaded}")
+        self.versions_loaded = versions_loaded
         self._model: ServedModel | None = None
+        self._loaded: tuple[ServedModel, ...] = ()  # newest first, the current one included
         self._changed = threading.Condition()
         self._listeners: list[Callable[[ServedModel], None]] = []
 
@@ -267,6 +276,17 @@ class ModelSlot:
         """The current model's version, or ``None``."""
         model = self._model
         return model.version if model is not None else None
+
+    def find(self, version: int) -> ServedModel | None:
+        """The loaded model of ``version``, or ``None`` if it is not (or no longer) loaded."""
+        for model in self._loaded:
+            if model.version == version:
+                return model
+        return None
+
+    def loaded_versions(self) -> list[int]:
+        """Versions that ``find`` answers, newest first (empty before the first swap)."""
+        return [model.version for model in self._loaded]
 
     def swap(self, model: ServedModel) -> bool:
         """Serve ``model`` from now on if its version is newer; return whether it was applied.
@@ -282,6 +302,7 @@ class ModelSlot:
                             model.version, current.version)
                 return False
             self._model = model  # one reference assignment: readers see old or new, never half
+            self._loaded = (model, *self._loaded)[:self.versions_loaded]
             self._changed.notify_all()
             listeners = list(self._listeners)
         MODEL_VERSION.set(model.version)

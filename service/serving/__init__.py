@@ -1,6 +1,7 @@
-"""What clients call: gRPC, operations HTTP, admin actions.
+"""What clients call: gRPC, HTTP/REST, operations HTTP, admin actions.
 
 What clients call: gRPC (``grpc``: eddy.v1, Open Inference Protocol v2, health, reflection),
+the Open Inference Protocol v2 over HTTP/REST (``rest``, through the same OIP core as gRPC),
 the operations HTTP endpoints (``ops_http``: /metrics, /healthz, /readyz) and the admin actions
 (``admin``: forget, rollback, export).
 

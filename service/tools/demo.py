@@ -39,6 +39,7 @@ def run_demo(*, limit: int = 1500, rate: float = 300.0) -> int:
     topic = f"demo.{int(time.time())}"
     env = _daemon_env(bootstrap, topic)
     _step(f"2/6 starting the daemon on topic {topic} (gRPC 127.0.0.1:{env['EDDY_SERVING__GRPC_PORT']}, "
+          f"HTTP :{env['EDDY_SERVING__HTTP_PORT']}, "
           f"metrics :{env['EDDY_METRICS__PORT']})")
     log_path = DEMO_DIR / "daemon.log"
     with log_path.open("w") as log_file:
@@ -121,6 +122,7 @@ def _daemon_env(bootstrap: str, topic: str) -> dict[str, str]:
             "EDDY_KAFKA__CONTROL_TOPIC": f"{topic}.control", "EDDY_KAFKA__GROUP_ID": f"{topic}.eddy",
             "EDDY_CHECKPOINT__DIR": str(state / "checkpoints"),
             "EDDY_EXPORT__REGISTRY_DIR": str(state / "models"), "EDDY_SERVING__GRPC_PORT": "50061",
+            "EDDY_SERVING__HTTP_PORT": "8061",
             "EDDY_METRICS__PORT": "9161", "EDDY_METRICS__LOG_EVERY_SECONDS": "2"}
 
 

@@ -31,6 +31,7 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 PROM = DEPLOY / "prometheus"
 GRPC_PORT = ServingSettings.model_validate({}).grpc_port
+HTTP_PORT = ServingSettings.model_validate({}).http_port
 METRICS_PORT = MetricsSettings.model_validate({}).port
 EXPECTED_ALERTS = {"EddyConsumerLagGrowing", "EddyNoRecentSwap", "EddyAccuracyDrop", "EddyDeadLetterRate",
                    "EddySnapshotTooOld", "EddyBrokerUnreachable", "EddyDown"}
@@ -125,7 +126,7 @@ def test_statefulset_ports_and_probes_match_the_code() -> None:
     assert sts["spec"]["serviceName"] == _k8s("Service", "eddy-headless")["metadata"]["name"]
     c = _container()
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert ports == {"grpc": GRPC_PORT, "http": HTTP_PORT, "metrics": METRICS_PORT}
     assert c["livenessProbe"]["httpGet"]["path"] == HEALTH_PATH
     assert c["readinessProbe"]["httpGet"]["path"] == READY_PATH
     assert c["startupProbe"]["httpGet"]["path"] == HEALTH_PATH
@@ -169,7 +170,7 @@ def test_services_monitor_and_pdb_select_the_eddy_pods() -> None:
         svc = _k8s("Service", name)
         assert svc["spec"]["selector"].items() <= pod_labels.items()
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= container_ports
-        assert {p["port"] for p in svc["spec"]["ports"]} == {GRPC_PORT, METRICS_PORT}
+        assert {p["port"] for p in svc["spec"]["ports"]} == {GRPC_PORT, HTTP_PORT, METRICS_PORT}
     assert _k8s("Service", "eddy-headless")["spec"]["clusterIP"] == "None"
     monitor = _k8s("ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -187,7 +188,7 @@ def test_configmap_holds_a_valid_eddy_configuration(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(text)
     s = load_settings(path)  # raises ConfigError on any unknown key or bad value
-    assert s.serving.grpc_port == GRPC_PORT and s.metrics.port == METRICS_PORT
+    assert s.serving.grpc_port == GRPC_PORT and s.serving.http_port == HTTP_PORT and s.metrics.port == METRICS_PORT
 
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -239,6 +240,7 @@ def test_compose_stack_wires_kafka_eddy_producer_prometheus_grafana() -> None:
     assert set(services) >= {"kafka", "eddy", "producer", "prometheus", "grafana"}
     eddy = services["eddy"]
     assert f"{GRPC_PORT}:{GRPC_PORT}" in eddy["ports"] and f"{METRICS_PORT}:{METRICS_PORT}" in eddy["ports"]
+    assert f"{HTTP_PORT}:{HTTP_PORT}" in eddy["ports"]
     assert eddy["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert services["producer"]["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert (DEPLOY / eddy["build"]["context"] / eddy["build"]["dockerfile"]).resolve() == REPO / "Dockerfile"
@@ -422,7 +424,7 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert any(k == "HEALTHCHECK" and HEALTH_PATH in a for k, a in final)
     exposed = {int(p) for k, a in final if k == "EXPOSE" for p in a.split()}
-    assert exposed == {GRPC_PORT, METRICS_PORT}
+    assert exposed == {GRPC_PORT, HTTP_PORT, METRICS_PORT}
     assert ("ENTRYPOINT", '["eddy"]') in final and ("CMD", '["serve"]') in final
 
 

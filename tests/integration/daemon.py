@@ -31,10 +31,15 @@ class DaemonProc:
     log_path: Path
     grpc_port: int
     metrics_port: int
+    http_port: int = 0  # OIP v2 over HTTP/REST
 
     @property
     def addr(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def metric(self, name: str) -> float:
         """Sum of samples whose name{labels} equals ``name`` exactly (0 when absent)."""
@@ -118,12 +123,13 @@ def daemon_env(tmp: Path, bootstrap: str, topic: str, **extra: str) -> dict[str,
 
 
 def start_daemon(tmp: Path, env: dict[str, str], *, role: str = "all", name: str = "daemon") -> DaemonProc:
-    grpc_port, metrics_port = free_port(), free_port()
-    env = {**env, "EDDY_SERVING__GRPC_PORT": str(grpc_port), "EDDY_METRICS__PORT": str(metrics_port)}
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
+    env = {**env, "EDDY_SERVING__GRPC_PORT": str(grpc_port), "EDDY_METRICS__PORT": str(metrics_port),
+           "EDDY_SERVING__HTTP_PORT": str(http_port)}
     log_path = tmp / f"{name}.log"
     with log_path.open("ab") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "service.app.cli", "serve", "--role", role], env=env,
                                 stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-    d = DaemonProc(proc, env, log_path, grpc_port, metrics_port)
+    d = DaemonProc(proc, env, log_path, grpc_port, metrics_port, http_port)
     d.wait_metric("eddy_model_version", lambda v: True, timeout=120)
     return d

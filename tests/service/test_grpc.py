@@ -106,7 +106,7 @@ def test_model_info_describes_the_served_model(stub: pb_grpc.InferenceStub) -> N
         (
             pb.PredictRequest(features=pb.Features(values=[0.0] * D), model_version=3),
             "NOT_FOUND",
-            "model version 3 is not served; current is 5",
+            "model version 3 is not loaded; loaded versions (newest first): 5",
         ),
         (pb.PredictRequest(text="hello"), "FAILED_PRECONDITION", f"send {D} features instead"),
     ],

@@ -80,7 +80,8 @@ def test_infer_errors(client: tc.InferenceServerClient) -> None:
     status, message = _status(client.infer, "nope", [_features(X)])
     assert status == "StatusCode.NOT_FOUND" and "serves 'eddy'" in message
     status, message = _status(client.infer, "eddy", [_features(X)], model_version="2")
-    assert status == "StatusCode.NOT_FOUND" and "model version 2 is not served; current is 4" in message
+    assert status == "StatusCode.NOT_FOUND"
+    assert "model version 2 is not loaded; loaded versions (newest first): 4" in message
     status, message = _status(client.infer, "eddy", [_features(X[:, :-1])])
     assert status == "StatusCode.INVALID_ARGUMENT" and f"got {D - 1} features, expected {D}" in message
     wrong = tc.InferInput("FEATURES", [5, D], "FP64")

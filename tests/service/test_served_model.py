@@ -159,3 +159,20 @@ def test_follower_keeps_serving_when_a_model_cannot_load(tmp_path: Path) -> None
     registry.publish(model_bytes(2, backbone_identity="other@1"), {})
     assert not follower.poll_once()
     assert slot.version == 1
+
+
+def test_slot_keeps_the_newest_versions_loaded_and_releases_older_sessions() -> None:
+    import gc
+    import weakref
+
+    slot = ModelSlot(versions_loaded=2)
+    sessions = []
+    for version in range(1, 6):
+        model = served(version)
+        sessions.append(weakref.ref(model.session))
+        assert slot.swap(model)
+        del model
+    assert slot.loaded_versions() == [5, 4]
+    assert slot.find(4) is not None and slot.find(4).version == 4 and slot.find(3) is None
+    gc.collect()
+    assert [ref() is not None for ref in sessions] == [False, False, False, True, True]

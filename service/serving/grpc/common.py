@@ -1,4 +1,7 @@
-"""What both prediction APIs share: limits, request errors, the served-model lookup, metrics.
+"""What the prediction APIs share: limits, request errors, the served-model lookup, metrics.
+
+OIP v2 over HTTP/REST (``service.serving.rest``) runs through the same OIP core, so everything here
+applies to it too; it maps each status code to an HTTP status once, at its boundary.
 
 Each servicer parses its own wire format into numpy rows or texts, then calls ``Predictor.run``,
 which validates against the limits and the served model and returns probabilities. Every failure a
@@ -74,14 +77,20 @@ class Predictor:
         self.features_inline = features_inline
 
     def model(self, pinned: int | None = None) -> ServedModel:
-        """The served model; UNAVAILABLE before the first, NOT_FOUND if ``pinned`` is not it."""
+        """The served model, or loaded version ``pinned``.
+
+        UNAVAILABLE before the first model; NOT_FOUND, listing the loaded versions, if ``pinned`` is
+        not one of them.
+        """
         model = self.slot.get()
         if model is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, NO_MODEL)
-        if pinned is not None and pinned != model.version:
-            raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"model version {pinned} is not served; current is {model.version}")
-        return model
+        if pinned is None or pinned == model.version:
+            return model
+        found = self.slot.find(pinned)
+        if found is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, not_loaded(pinned, self.slot.loaded_versions()))
+        return found
 
     async def features(self, model: ServedModel, X: np.ndarray) -> np.ndarray:
         """Probabilities for ``(n, d)`` rows, scored inline or in the default executor."""
@@ -129,6 +138,12 @@ class Predictor:
             raise invalid("empty batch: send at least one input")
         if n > self.limits.max_batch:
             raise invalid(f"batch of {n} inputs; at most {self.limits.max_batch} are accepted")
+
+
+def not_loaded(version: object, loaded: list[int]) -> str:
+    """Why ``version`` cannot answer: the message of a NOT_FOUND (HTTP 404) for it."""
+    listed = ", ".join(str(v) for v in loaded) or "none yet"
+    return f"model version {version} is not loaded; loaded versions (newest first): {listed}"
 
 
 def top_k_arg(model: ServedModel, k: int) -> int:

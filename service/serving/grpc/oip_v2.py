@@ -7,7 +7,13 @@ Any OIP client (``tritonclient.grpc``, KServe tooling) can use eddy as one model
   as tritonclient sends them) or in ``contents``;
 * outputs: ``LABEL`` BYTES ``[n, top_k]`` and ``PROBABILITY`` FP32 ``[n, top_k]``, most probable first,
   always in ``raw_output_contents``; ``top_k`` is an optional request parameter (default 1);
-* the served version is ``response.model_version`` and the ``model_version`` response parameter.
+* the served version is ``response.model_version`` and the ``model_version`` response parameter;
+* a request naming ``model_version`` is answered by exactly that version if it is one of the
+  ``serving.versions_loaded`` newest, NOT_FOUND (listing them) otherwise.
+
+``OipServicer``'s plain methods (``infer``, ``metadata``, ``model_ready``, ``server_ready``) are the
+protocol's core, free of any transport: the gRPC handlers call them, and so does OIP v2 over
+HTTP/REST (``service.serving.rest``), which only translates JSON to and from these messages.
 
 Only the methods above and the metadata/readiness calls are implemented; the rest (shared memory,
 repository control, statistics, streaming) answer UNIMPLEMENTED.
@@ -25,13 +31,14 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.models.served import ServedModel
-from service.serving.grpc.common import Predictor, RequestError, Timing, invalid, rpc, top_k_arg
+from service.serving.grpc.common import Predictor, RequestError, Timing, invalid, not_loaded, rpc, top_k_arg
 
 TEXT, FEATURES = "TEXT", "FEATURES"
 LABEL, PROBABILITY = "LABEL", "PROBABILITY"
 
 
-def _server_version() -> str:
+def server_version() -> str:
+    """The installed eddy package version."""
     try:
         return metadata.version("eddy")
     except metadata.PackageNotFoundError:
@@ -44,7 +51,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, predictor: Predictor, model_name: str) -> None:
         self.predictor = predictor
         self.model_name = model_name
-        self.version = _server_version()
+        self.version = server_version()
 
     # -- health and metadata --------------------------------------------------------------------
     @rpc("ServerLive")
@@ -57,16 +64,13 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any,
                           timing: Timing) -> pb.ServerReadyResponse:
         """Ready once a model is served."""
-        return pb.ServerReadyResponse(ready=self.predictor.slot.get() is not None)
+        return pb.ServerReadyResponse(ready=self.server_ready())
 
     @rpc("ModelReady")
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any,
                          timing: Timing) -> pb.ModelReadyResponse:
-        """Ready iff the name is ours, a model is served, and the version (if given) is the served one."""
-        model = self.predictor.slot.get()
-        ready = (request.name == self.model_name and model is not None
-                 and request.version in ("", str(model.version)))
-        return pb.ModelReadyResponse(ready=ready)
+        """Ready iff the name is ours, a model is served, and the version (if given) is loaded."""
+        return pb.ModelReadyResponse(ready=self.model_ready(request.name, request.version))
 
     @rpc("ServerMetadata")
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any,
@@ -77,23 +81,42 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc("ModelMetadata")
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any,
                             timing: Timing) -> pb.ModelMetadataResponse:
-        """Inputs, outputs and the one served version."""
-        model = self._model(request.name, request.version)
+        """Inputs, outputs and the loaded versions."""
+        return self.metadata(request.name, request.version)
+
+    @rpc("ModelInfer")
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any,
+                         timing: Timing) -> pb.ModelInferResponse:
+        """Top-k labels and probabilities for a batch of texts or feature rows."""
+        return await self.infer(request, timing)
+
+    # -- the protocol's core, shared with HTTP/REST ---------------------------------------------
+    def server_ready(self) -> bool:
+        """Whether a model is served."""
+        return self.predictor.slot.get() is not None
+
+    def model_ready(self, name: str, version: str) -> bool:
+        """Whether ``name`` is ours, a model is served, and ``version`` (if not "") is loaded."""
+        if name != self.model_name or self.predictor.slot.get() is None:
+            return False
+        return version == "" or (version.isdigit() and self.predictor.slot.find(int(version)) is not None)
+
+    def metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+        """Inputs, outputs and the loaded versions (oldest first) of ``name`` at ``version``."""
+        model = self.model(name, version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         inputs = [tensor(name=FEATURES, datatype="FP32", shape=[-1, model.n_features])]
         if model.backbone is not None:
             inputs.insert(0, tensor(name=TEXT, datatype="BYTES", shape=[-1]))
         outputs = [tensor(name=LABEL, datatype="BYTES", shape=[-1, -1]),
                    tensor(name=PROBABILITY, datatype="FP32", shape=[-1, -1])]
-        return pb.ModelMetadataResponse(name=self.model_name, versions=[str(model.version)],
+        versions = [str(v) for v in reversed(self.predictor.slot.loaded_versions())]
+        return pb.ModelMetadataResponse(name=self.model_name, versions=versions,
                                         platform="onnxruntime_onnx", inputs=inputs, outputs=outputs)
 
-    # -- inference ------------------------------------------------------------------------------
-    @rpc("ModelInfer")
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any,
-                         timing: Timing) -> pb.ModelInferResponse:
-        """Top-k labels and probabilities for a batch of texts or feature rows."""
-        model = self._model(request.model_name, request.model_version)
+    async def infer(self, request: pb.ModelInferRequest, timing: Timing) -> pb.ModelInferResponse:
+        """Top-k labels and probabilities for a batch of texts or feature rows; ``RequestError`` if not."""
+        model = self.model(request.model_name, request.model_version)
         k = top_k_arg(model, _int_parameter(request.parameters, "top_k", default=1))
         wanted = _requested_outputs(request)
         if len(request.inputs) != 1:
@@ -133,16 +156,18 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.raw_output_contents.append(raw)
         return response
 
-    def _model(self, name: str, version: str) -> ServedModel:
-        """The served model, if ``name``/``version`` designate it; NOT_FOUND / UNAVAILABLE otherwise."""
+    def model(self, name: str, version: str) -> ServedModel:
+        """The model ``name``/``version`` designate ("" = the served one); NOT_FOUND / UNAVAILABLE otherwise."""
         if name != self.model_name:
             raise RequestError(grpc.StatusCode.NOT_FOUND,
                                f"unknown model {name!r}: this server serves {self.model_name!r}")
-        model = self.predictor.model()
-        if version not in ("", str(model.version)):
+        if version == "":
+            return self.predictor.model()
+        if not version.isdigit():
+            self.predictor.model()  # UNAVAILABLE before the first model, as for any version
             raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"model version {version} is not served; current is {model.version}")
-        return model
+                               not_loaded(repr(version), self.predictor.slot.loaded_versions()))
+        return self.predictor.model(int(version))
 
 
 def _requested_outputs(request: pb.ModelInferRequest) -> list[str]:

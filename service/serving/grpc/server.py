@@ -49,8 +49,12 @@ _STOPPERS: weakref.WeakKeyDictionary[grpc.aio.Server, Callable[[], Awaitable[Non
 async def start_server(slot: ModelSlot, *, host: str, port: int, model_name: str, max_message_bytes: int,
                        max_batch: int, max_text_chars: int, admin: AdminHandler | None,
                        admin_token: str | None, predict_token: str | None, tls_cert: Path | None,
-                       tls_key: Path | None, coalesce_texts: bool = True) -> tuple[grpc.aio.Server, int]:
+                       tls_key: Path | None, coalesce_texts: bool = True,
+                       predictor: Predictor | None = None) -> tuple[grpc.aio.Server, int]:
     """Start serving ``slot`` on ``host:port`` (0 picks a free port); return the server and bound port.
+
+    ``predictor`` lets another surface (OIP v2 over HTTP/REST) share its limits and text coalescing;
+    by default one is built from ``max_batch``, ``max_text_chars`` and ``coalesce_texts``.
 
     TLS is used iff both ``tls_cert`` and ``tls_key`` are given (PEM files). Raises ``ConfigError``
     if the port cannot be bound or only one of the TLS files is given.
@@ -64,8 +68,8 @@ async def start_server(slot: ModelSlot, *, host: str, port: int, model_name: str
     interceptors = [TokenAuth(admin_token=admin_token, predict_token=predict_token)] if (
         admin_token or predict_token) else []
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    predictor = Predictor(slot, Limits(max_batch=max_batch, max_text_chars=max_text_chars),
-                          coalesce_texts=coalesce_texts)
+    predictor = predictor or Predictor(slot, Limits(max_batch=max_batch, max_text_chars=max_text_chars),
+                                       coalesce_texts=coalesce_texts)
     eddy_grpc.add_InferenceServicer_to_server(InferenceServicer(predictor, model_name), server)
     eddy_grpc.add_AdminServicer_to_server(AdminServicer(admin), server)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(predictor, model_name), server)
