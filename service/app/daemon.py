@@ -93,7 +93,9 @@ class Daemon:
         if self.role != "merge":  # the merger never embeds
             self.backbone.warm_in_background()
         self._load_current_model()
-        http, port = start_http_server(self.s.metrics.host, self.s.metrics.port, health=self.health)
+        m = self.s.metrics
+        http, port = start_http_server(m.host, m.port, health=self.health, max_connections=m.max_connections,
+                                       idle_seconds=m.idle_seconds)
         self.parts.closers.append(http)
         log.info("metrics on http://%s:%d/metrics", self.s.metrics.host, port)
         server = None
@@ -131,6 +133,8 @@ class Daemon:
             admin=DaemonAdmin(self.registry, self.slot, self.backbone, learner=self._admin_learner),
             admin_token=wiring.secret(sv.admin_token), predict_token=wiring.secret(sv.predict_token),
             tls_cert=sv.tls_cert, tls_key=sv.tls_key, coalesce_texts=sv.coalesce_texts,
+            max_request_chars=sv.max_request_chars, max_top_k=sv.max_top_k, embed_slice_chars=sv.embed_slice_chars,
+            connections=wiring.connection_limits(sv),
         )
         log.info("gRPC on %s:%d (eddy.v1, inference.GRPCInferenceService, health, reflection)", sv.host, port)
         return server

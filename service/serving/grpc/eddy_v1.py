@@ -13,7 +13,7 @@ import numpy as np
 
 from service.errors import ModelError
 from service.models.served import ServedModel
-from service.serving.grpc.common import Predictor, RequestError, Timing, invalid, rpc, top_k_arg
+from service.serving.grpc.common import Predictor, RequestError, Timing, invalid, rpc
 from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
 from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 
@@ -38,8 +38,10 @@ class AdminHandler(Protocol):
         """
 
 
-def _predictions(labels: list[str], probs: list[float]) -> list[pb.Prediction]:
-    return [pb.Prediction(label=lab, probability=p) for lab, p in zip(labels, probs, strict=True)]
+def _predictions(model: ServedModel, order: np.ndarray, probs: np.ndarray) -> list[pb.Prediction]:
+    classes = model.classes
+    return [pb.Prediction(label=classes[j], probability=p)
+            for j, p in zip(order.tolist(), probs.tolist(), strict=True)]
 
 
 def _pinned(request: Any) -> int | None:
@@ -57,7 +59,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Predict(self, request: pb.PredictRequest, context: Any, timing: Timing) -> pb.PredictResponse:
         """One input (text or features) -> its top_k labels."""
         model = self.predictor.model(_pinned(request))
-        k = top_k_arg(model, request.top_k)
+        k = self.predictor.top_k(model, request.top_k)
         kind = request.WhichOneof("input")
         if kind == "features":
             timing.input = "features"
@@ -69,15 +71,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             probs = await self.predictor.texts(model, [request.text])
         else:
             raise invalid("set exactly one input: text or features")
-        labels, top = model.top_k(probs, k)[0]
-        return pb.PredictResponse(predictions=_predictions(labels, top), model_version=model.version)
+        def build(order: np.ndarray, top: np.ndarray) -> pb.PredictResponse:
+            return pb.PredictResponse(predictions=_predictions(model, order[0], top[0]),
+                                      model_version=model.version)
+
+        return await self.predictor.answer(model, probs, k, build)
 
     @rpc("PredictBatch")
     async def PredictBatch(self, request: pb.PredictBatchRequest, context: Any,
                            timing: Timing) -> pb.PredictBatchResponse:
         """Many inputs (all texts or all feature rows) -> top_k labels for each, in order."""
         model = self.predictor.model(_pinned(request))
-        k = top_k_arg(model, request.top_k)
+        k = self.predictor.top_k(model, request.top_k)
         if request.texts and request.features:
             raise invalid("send texts or features, not both")
         if request.features:
@@ -86,9 +91,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         else:
             timing.input = "text"
             probs = await self.predictor.texts(model, list(request.texts))
-        results = [pb.PredictBatchResult(predictions=_predictions(labels, top))
-                   for labels, top in model.top_k(probs, k)]
-        return pb.PredictBatchResponse(results=results, model_version=model.version)
+
+        def build(order: np.ndarray, top: np.ndarray) -> pb.PredictBatchResponse:
+            results = [pb.PredictBatchResult(predictions=_predictions(model, idx, p))
+                       for idx, p in zip(order, top, strict=True)]
+            return pb.PredictBatchResponse(results=results, model_version=model.version)
+
+        return await self.predictor.answer(model, probs, k, build)
 
     @rpc("ModelInfo")
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: Any,
