@@ -146,7 +146,7 @@ class ServingSettings(_Section):
     # gRPC connections: at most max_connections at once (more are refused), an idle one (no call)
     # is closed after connection_idle_seconds, keepalive pings find dead peers.
     max_connections: int = Field(512, ge=1, le=1_000_000)
-    connection_idle_seconds: float = Field(300.0, gt=0)
+    connection_idle_seconds: float = Field(120.0, gt=0)
     keepalive_seconds: float = Field(60.0, gt=0)
     max_concurrent_streams: int = Field(128, ge=1, le=100_000)
     # Concurrent text requests share encoder calls (one at a time, the queue goes in the next).

@@ -6,6 +6,7 @@ the ``AdminHandler`` protocol, and maps their errors to status codes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -102,18 +103,44 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @rpc("ModelInfo")
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: Any,
                         timing: Timing) -> pb.ModelInfoResponse:
-        """What is served now: version, classes, input width, provenance."""
+        """What is served now: version, classes (one page of them if they do not fit), input width, provenance."""
         model = self.predictor.model()
-        return info(model, self.model_name)
+        if request.class_offset < 0 or request.class_limit < 0:
+            raise invalid(f"class_offset and class_limit must be >= 0, got {request.class_offset} and "
+                          f"{request.class_limit}")
+        budget = (self.predictor.limits.max_response_bytes or 4 << 20) - INFO_RESERVE_BYTES
+        return info(model, self.model_name, offset=request.class_offset, limit=request.class_limit or None,
+                    max_bytes=budget)
 
 
-def info(model: ServedModel, model_name: str) -> pb.ModelInfoResponse:
-    """The ModelInfo answer for ``model``."""
+INFO_RESERVE_BYTES = 64 * 1024  # what ModelInfo holds besides the classes (offsets, names)
+
+
+def info(model: ServedModel, model_name: str, *, offset: int = 0, limit: int | None = None,
+         max_bytes: int | None = None) -> pb.ModelInfoResponse:
+    """The ModelInfo answer for ``model``: classes from ``offset``, at most ``limit`` and ``max_bytes``.
+
+    At least one class is listed when any remain, so paging always advances.
+    """
+    page = class_page(model.classes, offset, limit, max_bytes)
     return pb.ModelInfoResponse(
-        model_name=model_name, model_version=model.version, classes=list(model.classes),
+        model_name=model_name, model_version=model.version, classes=page,
         feature_dim=model.n_features, accepts_text=model.backbone is not None,
         head_kind=model.head_kind, backbone_identity=model.backbone_identity,
-        created_at=model.created_at, source_offsets=model.source_offsets)
+        created_at=model.created_at, source_offsets=model.source_offsets,
+        classes_total=len(model.classes), class_offset=min(offset, len(model.classes)))
+
+
+def class_page(classes: Sequence[str], offset: int, limit: int | None, max_bytes: int | None) -> list[str]:
+    """``classes[offset:offset + limit]``, cut where their protobuf encoding passes ``max_bytes``."""
+    page: list[str] = []
+    size = 0
+    for name in classes[offset:offset + limit if limit else None]:
+        size += len(name.encode()) + 3  # tag and length of one repeated string
+        if max_bytes is not None and page and size > max_bytes:
+            break
+        page.append(name)
+    return page
 
 
 def _rows(features: Any, d: int) -> np.ndarray:

@@ -53,7 +53,7 @@ class ConnectionLimits:
     """How many gRPC connections are held and for how long (``serving`` settings)."""
 
     max_connections: int = 512
-    idle_seconds: float = 300.0
+    idle_seconds: float = 120.0
     keepalive_seconds: float = 60.0
     max_concurrent_streams: int = 128
 
