@@ -142,7 +142,7 @@ class ServingSettings(_Section):
     # Text work per encoder call, in characters (each text counted up to 512, about what a 128-token
     # encoder reads): a bigger request is embedded in slices of this size, taking turns with the
     # small requests queued meanwhile, so a short request waits for at most one slice.
-    embed_slice_chars: int = Field(4096, ge=1)
+    embed_slice_chars: int = Field(2048, ge=1)
     # gRPC connections: at most max_connections at once (more are refused), an idle one (no call)
     # is closed after connection_idle_seconds, keepalive pings find dead peers.
     max_connections: int = Field(512, ge=1, le=1_000_000)

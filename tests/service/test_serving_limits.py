@@ -9,10 +9,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from service.models.served import ModelSlot
+from service.serving.grpc.common import ranked
 from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
 from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 from tests.service.grpc_fixtures import D, running_server, served
@@ -140,3 +143,17 @@ def test_total_characters_per_request_are_bounded(slot: ModelSlot) -> None:
         assert "1050 characters" in message and "serving.max_request_chars" in message
         reply = stub.PredictBatch(pb.PredictBatchRequest(texts=["y" * 150] * 6), timeout=10)
         assert len(reply.results) == 6
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 60), st.integers(1, 60), st.integers(0, 2**31 - 1), st.booleans())
+def test_ranked_equals_the_stable_full_sort(rows: int, classes: int, k: int, seed: int, ties: bool) -> None:
+    rng = np.random.default_rng(seed)
+    probs = rng.random((rows, classes)).astype(np.float32)
+    if ties:  # few distinct values: ties everywhere, including across the cut
+        probs = np.round(probs * 3) / 3
+    k = min(k, classes)
+    order, top = ranked(probs, k)
+    expected = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(order, expected)
+    np.testing.assert_array_equal(top, np.take_along_axis(probs, expected, axis=1))
