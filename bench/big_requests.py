@@ -87,25 +87,27 @@ def short_client(port: int, stop: threading.Event, out: list[tuple[float, float]
             time.sleep(0.01)
 
 
-def big_calls(kind: str, texts: int) -> list[tuple[str, Any, Any]]:
-    import grpc
+def big_calls(kind: str, texts: int) -> list[tuple[str, Any, str, Any]]:
+    """(label, stub class, method name, request) of the big requests of ``kind``."""
     from tritonclient.grpc import service_pb2 as oip_pb
     from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
     from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
     from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 
-    del grpc
     if kind == "text":
-        return [("PredictBatch texts", pb_grpc.InferenceStub, pb.PredictBatchRequest(texts=[LONG] * texts))]
+        return [("PredictBatch texts", pb_grpc.InferenceStub, "PredictBatch",
+                 pb.PredictBatchRequest(texts=[LONG] * texts))]
     X = np.random.default_rng(1).normal(size=(1024, D)).astype("<f4")
     request = oip_pb.ModelInferRequest(model_name="eddy", raw_input_contents=[X.tobytes()])
     request.inputs.add(name="FEATURES", datatype="FP32", shape=[1024, D])
     request.parameters["top_k"].int64_param = 10**9
     rows = [pb.Features(values=x.tolist()) for x in X]
-    return [("PredictBatch top_k=1e9", pb_grpc.InferenceStub, pb.PredictBatchRequest(features=rows, top_k=10**9)),
-            ("OIP ModelInfer top_k=1e9", oip_grpc.GRPCInferenceServiceStub, request),
-            ("PredictBatch top_k=100", pb_grpc.InferenceStub, pb.PredictBatchRequest(features=rows, top_k=100))]
+    return [("PredictBatch top_k=1e9", pb_grpc.InferenceStub, "PredictBatch",
+             pb.PredictBatchRequest(features=rows, top_k=10**9)),
+            ("OIP ModelInfer top_k=1e9", oip_grpc.GRPCInferenceServiceStub, "ModelInfer", request),
+            ("PredictBatch top_k=100", pb_grpc.InferenceStub, "PredictBatch",
+             pb.PredictBatchRequest(features=rows, top_k=100))]
 
 
 def run_case(name: str, kind: str, classes: int, slice_chars: int, texts: int) -> dict[str, Any]:
@@ -122,8 +124,8 @@ def run_case(name: str, kind: str, classes: int, slice_chars: int, texts: int) -
         big_start = time.perf_counter()
         bigs = []
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
-            for label, stub_cls, request in big_calls(kind, texts):
-                method = stub_cls(ch).PredictBatch if hasattr(stub_cls(ch), "PredictBatch") else stub_cls(ch).ModelInfer
+            for label, stub_cls, name, request in big_calls(kind, texts):
+                method = getattr(stub_cls(ch), name)
                 start = time.perf_counter()
                 try:
                     method(request, timeout=600)
@@ -144,7 +146,7 @@ def run_case(name: str, kind: str, classes: int, slice_chars: int, texts: int) -
     def stats(a: np.ndarray) -> dict[str, float]:
         if not len(a):
             return {"n": 0}
-        return {"n": int(len(a)), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+        return {"n": len(a), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
                 "max_ms": float(a.max())}
 
     row = {"case": name, "kind": kind, "classes": classes, "embed_slice_chars": slice_chars,
