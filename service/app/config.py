@@ -272,7 +272,7 @@ def _shown(loc: tuple[Any, ...], value: Any, kind: str) -> str:
         return "<secret>"
     if isinstance(value, dict):
         return "{...}"
-    size = f" of {len(value)}" if isinstance(value, (str, list, tuple)) else ""
+    size = f" of {len(value)}" if isinstance(value, (list, tuple)) else ""  # not a string's: a token's length
     return f"<{type(value).__name__}{size}, not shown>"
 
 
