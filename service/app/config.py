@@ -87,11 +87,11 @@ class HeadSettings(_Section):
     temperature: Literal["auto"] | float = "auto"
     blas_threads: int = Field(1, ge=0, le=256)
     # Events of a new label beyond this many classes are dead-lettered (``too_many_classes``).
-    # Every class costs the default ridge head (2,049 float64 columns) about 16 KiB of class sums,
-    # 16 KiB of solved weights and 8 KiB per float32 copy (readout, ONNX bytes, ONNX session, the
-    # snapshot being written, and twice that while a new model is swapped in): ~100 KiB steady and
-    # ~220 KiB at the export peak (issue 14 measured 2.1 GB / 4.4 GB peak at 20k classes). 5,000
-    # classes: ~0.5 GB steady, ~1.1 GB peak, ONNX files of 41 MB (x ``export.keep``).
+    # Every class costs the default ridge head (2,049 float64 columns) 16 KiB of class sums, 16 KiB
+    # of solved weights and 8 KiB per float32 copy (readout, ONNX bytes, ONNX session, the snapshot
+    # being written; twice while a new model is swapped in): measured ~140 KiB steady and ~230 KiB
+    # at the peak over a 0.4 GB base. At 5,000 classes the daemon held 1.1 GB (peak 1.5 GB), wrote
+    # 44 MB ONNX files (x ``export.keep``) and 135 MB snapshots (x ``checkpoint.keep``).
     max_classes: int = Field(5_000, ge=1, le=250_000)
 
     @field_validator("ridge_lambda", "temperature")
