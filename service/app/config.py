@@ -16,6 +16,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -85,6 +86,13 @@ class HeadSettings(_Section):
     slda_shrinkage: float = Field(1e-4, ge=0, le=1)
     temperature: Literal["auto"] | float = "auto"
     blas_threads: int = Field(1, ge=0, le=256)
+    # Events of a new label beyond this many classes are dead-lettered (``too_many_classes``).
+    # Every class costs the default ridge head (2,049 float64 columns) 16 KiB of class sums, 16 KiB
+    # of solved weights and 8 KiB per float32 copy (readout, ONNX bytes, ONNX session, the snapshot
+    # being written; twice while a new model is swapped in): measured ~140 KiB steady and ~230 KiB
+    # at the peak over a 0.4 GB base. At 5,000 classes the daemon held 1.1 GB (peak 1.5 GB), wrote
+    # 44 MB ONNX files (x ``export.keep``) and 135 MB snapshots (x ``checkpoint.keep``).
+    max_classes: int = Field(5_000, ge=1, le=250_000)
 
     @field_validator("ridge_lambda", "temperature")
     @classmethod
@@ -129,6 +137,21 @@ class ServingSettings(_Section):
     max_message_bytes: int = Field(4 * 1_048_576, gt=1024)
     max_batch: int = Field(1024, gt=0)
     max_text_chars: int = Field(10_000, gt=0)
+    # Characters summed over one request's texts: bounds the tokenizer's work per request.
+    max_request_chars: int = Field(1_000_000, gt=0)
+    # Labels per input are clamped to min(top_k, classes, max_top_k); a response whose size would
+    # pass max_message_bytes is refused (RESOURCE_EXHAUSTED) before it is built.
+    max_top_k: int = Field(1_000, ge=1, le=1_000_000)
+    # Text work per encoder call, in characters (each text counted up to 512, about what a 128-token
+    # encoder reads): a bigger request is embedded in slices of this size, taking turns with the
+    # small requests queued meanwhile, so a short request waits for at most one slice.
+    embed_slice_chars: int = Field(2048, ge=1)
+    # gRPC connections: at most max_connections at once (more are refused), an idle one (no call)
+    # is closed after connection_idle_seconds, keepalive pings find dead peers.
+    max_connections: int = Field(512, ge=1, le=1_000_000)
+    connection_idle_seconds: float = Field(120.0, gt=0)
+    keepalive_seconds: float = Field(60.0, gt=0)
+    max_concurrent_streams: int = Field(128, ge=1, le=100_000)
     # Concurrent text requests share encoder calls (one at a time, the queue goes in the next).
     coalesce_texts: bool = True
     tls_cert: Path | None = None
@@ -144,6 +167,10 @@ class MetricsSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(9100, ge=0, le=65_535)
     log_every_seconds: float = Field(5.0, gt=0)
+    # Concurrent HTTP connections (scrapes, probes); more are closed at once so a flood of idle
+    # ones cannot take every thread; each is closed after idle_seconds without a request.
+    max_connections: int = Field(64, ge=1, le=10_000)
+    idle_seconds: float = Field(10.0, gt=0)
 
 
 class CheckpointSettings(_Section):
@@ -214,24 +241,50 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    except SettingsError as exc:  # an EDDY_* value that is not valid JSON: its name, never its value
+        raise ConfigError(str(exc).split(":", 1)[0]) from None
     finally:
         _TOML_OVERRIDE[0] = None
 
 
-_SECRET_KEYS = frozenset({"sasl_password", "admin_token", "predict_token"})
+def _public_keys() -> dict[str, frozenset[str]]:
+    """Per section, the keys whose values may be echoed in an error (every key but the secrets)."""
+    return {name: frozenset(k for k, f in field.annotation.model_fields.items()  # type: ignore[union-attr]
+                            if "SecretStr" not in str(f.annotation))
+            for name, field in Settings.model_fields.items()}
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _shown(loc: tuple[Any, ...], value: Any, kind: str) -> str:
+    """What an error may say about ``value`` at ``loc``: only scalars of known, non-secret keys.
+
+    A secret can arrive anywhere: as a whole section (``EDDY_SERVING='["<token>"]'``), inside a
+    list or dict, or under a misspelt key (``admin_tokn``), so everything else is described by its
+    type and size only.
+    """
+    if kind == "missing":
+        return "<missing>"
+    public = _public_keys()
+    known = len(loc) >= 2 and loc[0] in public and loc[1] in public[loc[0]]
+    if known and kind != "extra_forbidden" and isinstance(value, _SCALARS):
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    if len(loc) >= 2 and loc[0] in public and loc[1] not in public[loc[0]] and kind != "extra_forbidden":
+        return "<secret>"
+    if isinstance(value, dict):
+        return "{...}"
+    size = f" of {len(value)}" if isinstance(value, (list, tuple)) else ""  # not a string's: a token's length
+    return f"<{type(value).__name__}{size}, not shown>"
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    """One line per error: ``section.key: got 'value': expectation``."""
+    """One line per error: ``section.key: got 'value': expectation`` (values only where safe)."""
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
-        value = err.get("input")
-        shown = "<missing>" if err["type"] == "missing" else repr(value)
-        if key.split(".")[-1] in _SECRET_KEYS:
-            shown = "<secret>"  # never echo a secret, even a malformed one
-        if isinstance(value, dict):
-            shown = "{...}"
+        shown = _shown(tuple(err["loc"]), err.get("input"), err["type"])
         lines.append(f"{key}: got {shown}: {err['msg']}")
     return "\n".join(lines)
 

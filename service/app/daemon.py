@@ -97,13 +97,15 @@ class Daemon:
         if self.role != "merge":  # the merger never embeds
             self.backbone.warm_in_background()
         self._load_current_model()
-        http, port = start_http_server(self.s.metrics.host, self.s.metrics.port, health=self.health)
+        m = self.s.metrics
+        http, port = start_http_server(m.host, m.port, health=self.health, max_connections=m.max_connections,
+                                       idle_seconds=m.idle_seconds)
         self.parts.closers.append(http)
         log.info("metrics on http://%s:%d/metrics", self.s.metrics.host, port)
         server = rest = None
         if self.role in ("all", "serve"):
             sv = self.s.serving
-            predictor = Predictor(self.slot, Limits(max_batch=sv.max_batch, max_text_chars=sv.max_text_chars),
+            predictor = Predictor(self.slot, wiring.request_limits(sv),
                                   coalesce_texts=sv.coalesce_texts)  # one for both: texts coalesce across them
             server = await self._start_grpc(predictor)
             rest = await self._start_rest(predictor)
@@ -157,6 +159,7 @@ class Daemon:
             admin=DaemonAdmin(self.registry, self.slot, self.backbone, learner=self._admin_learner),
             admin_token=wiring.secret(sv.admin_token), predict_token=wiring.secret(sv.predict_token),
             tls_cert=sv.tls_cert, tls_key=sv.tls_key, coalesce_texts=sv.coalesce_texts, predictor=predictor,
+            connections=wiring.connection_limits(sv),
         )
         log.info("gRPC on %s:%d (eddy.v1, inference.GRPCInferenceService, health, reflection)", sv.host, port)
         return server

@@ -18,7 +18,7 @@ from kafka import KafkaConsumer
 from learner.heads import make_head
 from memory import ReplayMemory
 from memory.compensation import DEFAULT_CAPACITY, ErrorMemory
-from service.app.config import HeadSettings, KafkaSettings, Settings
+from service.app.config import HeadSettings, KafkaSettings, ServingSettings, Settings
 from service.core.restore import restore_state
 from service.core.snapshots import SnapshotStore
 from service.core.state import LearnerState, new_state
@@ -31,7 +31,9 @@ from service.models.registry import ModelRegistry
 from service.models.served import ModelSlot
 from service.roles.learn_loop import LearnLoop, LoopOptions
 from service.roles.merger import MergeOptions, Merger
+from service.serving.grpc.common import Limits
 from service.roles.replica import PartitionedLearnLoop, ScaleOutOptions, replica_id
+from service.serving.grpc.server import ConnectionLimits
 
 log = logging.getLogger("eddy")
 
@@ -94,6 +96,19 @@ def group_consumer(k: KafkaSettings, security: ClientSecurity, *, client_id: str
                          max_partition_fetch_bytes=k.max_partition_fetch_bytes)
 
 
+def connection_limits(sv: ServingSettings) -> ConnectionLimits:
+    """The gRPC connection limits as a plain record."""
+    return ConnectionLimits(max_connections=sv.max_connections, idle_seconds=sv.connection_idle_seconds,
+                            keepalive_seconds=sv.keepalive_seconds, max_concurrent_streams=sv.max_concurrent_streams)
+
+
+def request_limits(sv: ServingSettings) -> Limits:
+    """The per-request serving limits as a plain record (shared by gRPC and HTTP/REST)."""
+    return Limits(max_batch=sv.max_batch, max_text_chars=sv.max_text_chars, max_request_chars=sv.max_request_chars,
+                  max_top_k=sv.max_top_k, max_response_bytes=sv.max_message_bytes,
+                  embed_slice_chars=sv.embed_slice_chars)
+
+
 def secret(value: Any) -> str | None:
     """The plain value of a pydantic ``SecretStr`` (or None)."""
     return value.get_secret_value() if value is not None else None
@@ -144,7 +159,7 @@ def build_learn_loop(parts: Parts, *, predict: Predict) -> LearnLoop:
         snapshot_every_events=s.checkpoint.every_events, snapshot_every_seconds=s.checkpoint.every_seconds,
         log_every_seconds=s.metrics.log_every_seconds, holdout_size=s.export.holdout_size,
         gcv_every_seconds=s.head.gcv_every_seconds, head_label=s.head.kind,
-        retry_backoff_max_s=k.reconnect_backoff_max_ms / 1000,
+        retry_backoff_max_s=k.reconnect_backoff_max_ms / 1000, max_classes=s.head.max_classes,
     )
     loop = LearnLoop(consumer=consumer, dlq=DeadLetterWriter(producer, f"{k.topic}.dlq"), state=state,
                      store=store, exporter=build_exporter(parts), embed=parts.backbone.embed, refetch=refetch,
@@ -185,6 +200,7 @@ def build_replica(parts: Parts) -> PartitionedLearnLoop:
         batch_max_events=k.batch_max_events, poll_timeout_ms=k.poll_timeout_ms,
         publish_every_events=s.checkpoint.every_events, publish_every_seconds=s.checkpoint.every_seconds,
         log_every_seconds=s.metrics.log_every_seconds, recent_rows=min(s.export.holdout_size, 128), replica_id=rid,
+        max_classes=s.head.max_classes,
     )
     return PartitionedLearnLoop(consumer=consumer, producer=producer, dlq=DeadLetterWriter(producer, f"{k.topic}.dlq"),
                                 restore=restore, new_state=fresh, embed=parts.backbone.embed, options=options)

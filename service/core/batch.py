@@ -82,12 +82,16 @@ def tp_key(topic: str, partition: int) -> str:
 
 
 def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed | None, dim: int,
-                max_event_bytes: int, predict: Predict | None = None) -> BatchOutcome:
+                max_event_bytes: int, predict: Predict | None = None,
+                max_classes: int | None = None) -> BatchOutcome:
     """Learn every good event in ``records``; return dead letters and counts.
 
     ``embed`` turns texts into ``(n, dim)`` float32 rows (None: text events are dead-lettered).
     ``predict``, if given, scores the events before they are learned (prequential accuracy); its
     mistakes go to ``state.errors`` when the state has an error memory.
+    ``max_classes``, if given, bounds the head's classes: an event of a new label that would be
+    class ``max_classes + 1`` is dead-lettered as ``too_many_classes`` (events of known labels
+    are still learned; a forgotten label frees its place).
     Never raises for a bad record. Raises ``BackboneUnavailable`` (from ``embed``) before changing
     ``state``, so the caller can stop without counting the batch.
     """
@@ -95,6 +99,7 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
     events: list[tuple[Record, Event]] = []
     batch_ids: set[str] = set()
     offsets: dict[str, int] = {}
+    room = _ClassRoom(state, max_classes)
     for rec in records:
         key = tp_key(rec.topic, rec.partition)
         if rec.offset < state.offsets.get(key, 0):
@@ -110,6 +115,9 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
         if decoded.id in state.tombstones:
             out.skipped_forgotten += 1
             continue
+        if not room.admits(decoded.label):
+            out.dead_letters.append(DeadLetter(rec, "too_many_classes", room.refusal(decoded.label)))
+            continue
         batch_ids.add(decoded.id)
         events.append((rec, decoded))
     X, kept = _features(events, embed, dim, out)  # may raise BackboneUnavailable: the state is untouched
@@ -121,6 +129,26 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
     state.counters.dead_lettered += len(out.dead_letters)
     state.counters.forgotten_skipped += out.skipped_forgotten
     return out
+
+
+class _ClassRoom:
+    """Which labels one batch may learn under ``max_classes`` (known ones, then new ones while room)."""
+
+    def __init__(self, state: LearnerState, max_classes: int | None) -> None:
+        self.max_classes = max_classes
+        self.known: set[str] = set(state.head.classes_) if max_classes is not None else set()
+
+    def admits(self, label: str) -> bool:
+        if self.max_classes is None or label in self.known:
+            return True
+        if len(self.known) >= self.max_classes:
+            return False
+        self.known.add(label)
+        return True
+
+    def refusal(self, label: str) -> str:
+        return (f"label {label[:80]!r} would be class {len(self.known) + 1}; head.max_classes is "
+                f"{self.max_classes} (forget a label to make room, or raise the limit)")
 
 
 def texts_of(records: Sequence[Record], *, dim: int, max_event_bytes: int) -> list[str]:

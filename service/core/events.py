@@ -41,6 +41,7 @@ REASONS = (
     "non_finite",
     "wrong_dimension",
     "embed_failed",
+    "too_many_classes",
 )
 
 

@@ -70,6 +70,7 @@ class LoopOptions:
     gcv_every_seconds: float
     head_label: str
     retry_backoff_max_s: float = 5.0
+    max_classes: int | None = None  # new labels past it are dead-lettered (too_many_classes)
 
 
 class LearnLoop:
@@ -212,7 +213,8 @@ class LearnLoop:
     def _learn(self, records: list[Record]) -> None:
         start = time.perf_counter()
         out = learn_batch(self.state, records, embed=self._embed_ahead, dim=self.opt.dim,
-                          max_event_bytes=self.opt.max_event_bytes, predict=self.predict)
+                          max_event_bytes=self.opt.max_event_bytes, predict=self.predict,
+                          max_classes=self.opt.max_classes)
         report(out, self.dlq, time.perf_counter() - start)
         self.correct += out.correct
         self.predicted += out.predicted

@@ -73,16 +73,43 @@ def assess(*, loop_alive: bool, model_served: bool, broker_up: bool, serves: boo
 
 
 class OpsHTTPServer(ThreadingHTTPServer):
-    """The threaded HTTP server plus the thread that runs it; ``stop()`` ends both."""
+    """The threaded HTTP server plus the thread that runs it; ``stop()`` ends both.
+
+    At most ``max_connections`` connections are served at once (one thread each); one more is
+    closed at once rather than queued, so a flood of idle connections costs no threads, and each
+    connection is closed after ``idle_seconds`` without a complete request.
+    """
 
     daemon_threads = True
     # A restarted daemon must rebind its port at once, even with connections in TIME_WAIT.
     allow_reuse_address = True
+    request_queue_size = 128  # probes arriving together while a scrape is served are not dropped
 
-    def __init__(self, address: tuple[str, int], health: Callable[[], HealthReport]) -> None:
-        super().__init__(address, _handler_for(health))
+    def __init__(self, address: tuple[str, int], health: Callable[[], HealthReport], *,
+                 max_connections: int = 64, idle_seconds: float = 10.0) -> None:
+        super().__init__(address, _handler_for(health, idle_seconds))
+        self._slots = threading.BoundedSemaphore(max_connections)
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
                                        name="ops-http", daemon=True)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve ``request`` on its own thread if a slot is free; close it otherwise."""
+        if not self._slots.acquire(blocking=False):
+            log.debug("closing a connection from %s: %s", client_address, "all connection slots are busy")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, then give its slot back."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def stop(self) -> None:
         """Stop serving, close the socket and join the thread (idempotent)."""
@@ -92,22 +119,25 @@ class OpsHTTPServer(ThreadingHTTPServer):
         self.server_close()
 
 
-def start_http_server(host: str, port: int, *, health: Callable[[], HealthReport]
-                      ) -> tuple[OpsHTTPServer, int]:
+def start_http_server(host: str, port: int, *, health: Callable[[], HealthReport], max_connections: int = 64,
+                      idle_seconds: float = 10.0) -> tuple[OpsHTTPServer, int]:
     """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` in a daemon thread.
 
     ``port`` 0 picks a free port; the bound port is returned. ``health`` is called once per health
-    request, from a server thread, so it must be thread-safe and quick. Raises ``OSError`` when the
-    address cannot be bound (for example the port is taken).
+    request, from a server thread, so it must be thread-safe and quick. ``max_connections`` and
+    ``idle_seconds`` bound the connections (``OpsHTTPServer``). Raises ``OSError`` when the address
+    cannot be bound (for example the port is taken).
     """
-    server = OpsHTTPServer((host, port), health)
+    server = OpsHTTPServer((host, port), health, max_connections=max_connections, idle_seconds=idle_seconds)
     server.thread.start()
     return server, int(server.server_address[1])
 
 
-def _handler_for(health: Callable[[], HealthReport]) -> type[BaseHTTPRequestHandler]:
+def _handler_for(health: Callable[[], HealthReport], idle_seconds: float) -> type[BaseHTTPRequestHandler]:
     class Handler(_OpsHandler):
         check = staticmethod(health)
+
+    Handler.timeout = idle_seconds
 
     return Handler
 
@@ -116,7 +146,7 @@ class _OpsHandler(BaseHTTPRequestHandler):
     check: Callable[[], HealthReport]
     server_version = "eddy"
     # A stuck client must not hold a server thread forever.
-    timeout = 10
+    timeout = 10.0
 
     def do_GET(self) -> None:
         self._respond(send_body=True)

@@ -114,3 +114,39 @@ def test_items_for_bytes() -> None:
     assert items_for_bytes(50, 100.0) == 0
     with pytest.raises(ValueError, match="bytes_per_item"):
         items_for_bytes(10, 0)
+
+
+def _class_targets_reference(seen: dict[str, int], capacity: int) -> dict[str, int]:
+    """The original (quadratic) definition, kept as the oracle for the vectorised one."""
+    targets = dict.fromkeys(seen, 0)
+    open_classes, remaining = list(seen), capacity
+    while open_classes:
+        share, extra = divmod(remaining, len(open_classes))
+        quota = {c: share + (1 if i < extra else 0) for i, c in enumerate(open_classes)}
+        small = [c for c in open_classes if seen[c] <= quota[c]]
+        if not small:
+            targets.update(quota)
+            break
+        for c in small:
+            targets[c] = seen[c]
+            remaining -= seen[c]
+        open_classes = [c for c in open_classes if c not in set(small)]
+    return targets
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=0, max_size=60), st.integers(0, 1500))
+def test_targets_equal_the_original_definition(seen_list: list[int], capacity: int) -> None:
+    # Small counts and many classes make ties at share and share + 1 common: the hard cases.
+    seen = {f"c{i}": v for i, v in enumerate(seen_list)}
+    assert class_targets(seen, capacity) == _class_targets_reference(seen, capacity)
+
+
+def test_targets_equal_the_original_definition_on_random_large_inputs() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        n = int(rng.integers(1, 3000))
+        counts = rng.geometric(rng.uniform(0.01, 0.9), size=n) - 1
+        seen = {f"c{i}": int(v) for i, v in enumerate(counts)}
+        capacity = int(rng.integers(0, 2 * int(counts.sum()) + 2))
+        assert class_targets(seen, capacity) == _class_targets_reference(seen, capacity)

@@ -123,3 +123,34 @@ def test_an_idle_coalescer_embeds_at_once(n: int) -> None:
     got = asyncio.run(TextCoalescer(max_texts=64).embed(backbone, texts))
     np.testing.assert_array_equal(got, rows(texts))
     assert backbone.calls == [texts]
+
+
+def test_a_big_request_is_embedded_in_slices_taking_turns_with_small_ones() -> None:
+    backbone = GatedBackbone()
+    big = [f"b{i}" + "x" * 100 for i in range(10)]  # each costs 103 + 16 = 119 characters
+    coalescer = TextCoalescer(max_texts=64, slice_chars=300)  # two big texts per slice
+    results = asyncio.run(_first_then_queue(backbone, coalescer, [big, ["s1"], ["s2"]]))
+    sliced = [call for call in backbone.calls if call[0].startswith("b")]
+    assert [len(call) for call in sliced] == [2, 2, 2, 2, 2]
+    # The small requests queued behind the big one are answered after its first slice, not its last.
+    assert backbone.calls[1] == big[:2] and backbone.calls[2] == ["s1", "s2"]
+    np.testing.assert_array_equal(results[1], rows(big))
+    np.testing.assert_array_equal(results[2], rows(["s1"]))
+
+
+def test_two_big_requests_share_the_encoder_round_robin() -> None:
+    backbone = GatedBackbone()
+    a, b = [f"a{i}" for i in range(6)], [f"b{i}" for i in range(6)]
+    results = asyncio.run(_first_then_queue(backbone, TextCoalescer(max_texts=2), [a, b]))
+    assert backbone.calls[1:] == [a[0:2], b[0:2], a[2:4], b[2:4], a[4:6], b[4:6]]
+    np.testing.assert_array_equal(results[1], rows(a))
+    np.testing.assert_array_equal(results[2], rows(b))
+
+
+def test_a_bad_text_in_a_big_request_fails_it_and_spares_the_others() -> None:
+    backbone = GatedBackbone(bad="a3")
+    a = [f"a{i}" for i in range(6)]
+    _warm, got_a, got_s = asyncio.run(_first_then_queue(backbone, TextCoalescer(max_texts=2), [a, ["s"]]))
+    assert isinstance(got_a, ValueError)
+    np.testing.assert_array_equal(got_s, rows(["s"]))
+    assert ["a4", "a5"] not in backbone.calls  # no work for a request that already failed

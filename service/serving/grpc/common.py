@@ -51,10 +51,65 @@ def invalid(message: str) -> RequestError:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits, from ``serving`` settings."""
+    """Per-request limits, from ``serving`` settings (see ``config.toml`` for what each bounds)."""
 
     max_batch: int
     max_text_chars: int
+    max_request_chars: int | None = None
+    max_top_k: int | None = None
+    max_response_bytes: int | None = None  # the gRPC send limit: bigger answers are refused unbuilt
+    embed_slice_chars: int | None = None
+
+
+# Below this many probabilities (rows x classes) scoring and building the answer take well under a
+# millisecond and run on the event loop (a hop to a thread costs more); above it they run in the
+# default executor, so one big request never stalls the others (issue 14: 29-115 s freezes).
+INLINE_CELLS = 16_384
+# Bytes one label/probability pair adds to an answer besides the label's UTF-8 bytes (protobuf
+# tags, lengths, the float; OIP's 4-byte length prefix and float), and per row.
+PAIR_OVERHEAD_BYTES = 12
+ROW_OVERHEAD_BYTES = 8
+MAX_LABEL_BYTES = 4 * 256  # events.MAX_LABEL_CHARS characters of UTF-8
+
+
+def ranked(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the columns of the ``k`` highest probabilities (ties keep column order) and those.
+
+    Equal to ``np.argsort(-probs, kind="stable")[:, :k]``; for ``k`` well below the class count it
+    partitions first and sorts only the ``k`` chosen (rows where a tie straddles the cut fall back to
+    the full sort, so the order is exactly the same).
+    """
+    if k == 1:
+        order = probs.argmax(axis=1)[:, None]  # keeps the first of ties, as the stable sort does
+    elif 4 * k < probs.shape[1]:
+        part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+        values = np.take_along_axis(probs, part, axis=1)
+        order = np.take_along_axis(part, np.lexsort((part, -values), axis=1), axis=1)
+        cut = values.min(axis=1, keepdims=True)
+        straddles = (probs == cut).sum(axis=1) > (values == cut).sum(axis=1)
+        if straddles.any():
+            order[straddles] = np.argsort(-probs[straddles], axis=1, kind="stable")[:, :k]
+    else:
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(probs, order, axis=1)
+
+
+def check_answer_size(classes: Sequence[str], order: np.ndarray, limit: int | None) -> None:
+    """Refuse (RESOURCE_EXHAUSTED) an answer naming ``classes[order]`` that would pass ``limit`` bytes.
+
+    Checked before any message is built: building a 421 MB answer is what froze the server.
+    """
+    if limit is None or order.size * (MAX_LABEL_BYTES + PAIR_OVERHEAD_BYTES) + 1024 <= limit:
+        return  # cannot be too big, whatever the labels
+    label_bytes = np.fromiter((len(c.encode()) for c in classes), dtype=np.int64, count=len(classes))
+    size = (int(label_bytes[order].sum()) + PAIR_OVERHEAD_BYTES * order.size
+            + ROW_OVERHEAD_BYTES * len(order) + 1024)
+    if size > limit:
+        n, k = order.shape
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"the answer ({n} inputs x {k} labels) would be about {size} bytes; at most "
+                           f"{limit} are sent (serving.max_message_bytes): ask for fewer inputs or a "
+                           f"smaller top_k")
 
 
 @dataclass
@@ -71,7 +126,7 @@ class Predictor:
                  coalesce_texts: bool = True) -> None:
         self.slot = slot
         self.limits = limits
-        self.coalescer = TextCoalescer(limits.max_batch) if coalesce_texts else None
+        self.coalescer = TextCoalescer(limits.max_batch, limits.embed_slice_chars) if coalesce_texts else None
         # Measured (bench/grpc_latency.py): a head run costs ~0.1 ms, less than a hop to a thread
         # pool and back, so feature rows are scored on the event loop; text embedding is not.
         self.features_inline = features_inline
@@ -99,9 +154,7 @@ class Predictor:
             width = X.shape[1] if X.ndim == 2 else X.size
             raise invalid(f"got {width} features, expected {model.n_features}")
         try:
-            if self.features_inline:
-                return model.predict_features(X)
-            return await asyncio.get_running_loop().run_in_executor(None, model.predict_features, X)
+            return await self._score(model, X)
         except ValueError as exc:
             raise invalid(str(exc)) from None
 
@@ -120,18 +173,46 @@ class Predictor:
             if len(text) > self.limits.max_text_chars:
                 raise invalid(f"text {i} has {len(text)} characters; at most "
                               f"{self.limits.max_text_chars} are accepted")
+        total, most = sum(map(len, texts)), self.limits.max_request_chars
+        if most is not None and total > most:
+            raise invalid(f"the request's texts have {total} characters in all; at most {most} are "
+                          f"accepted per request (serving.max_request_chars): split the batch")
         loop = asyncio.get_running_loop()
         try:
             if self.coalescer is None:
                 return await loop.run_in_executor(None, model.predict_texts, list(texts))
             X = await self.coalescer.embed(model.backbone, texts)
-            if self.features_inline:
-                return model.predict_features(X)
-            return await loop.run_in_executor(None, model.predict_features, X)
+            return await self._score(model, X)
         except BackboneUnavailable as exc:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         except (ValueError, ModelError) as exc:
             raise invalid(str(exc)) from None
+
+    async def _score(self, model: ServedModel, X: np.ndarray) -> np.ndarray:
+        if self.features_inline and len(X) * len(model.classes) <= INLINE_CELLS:
+            return model.predict_features(X)
+        return await asyncio.get_running_loop().run_in_executor(None, model.predict_features, X)
+
+    async def answer(self, model: ServedModel, probs: np.ndarray, k: int,
+                     build: Callable[[np.ndarray, np.ndarray], Resp]) -> Resp:
+        """``build(order, top)`` over the top ``k`` of ``probs``, size-checked first, off the loop if big.
+
+        ``order`` holds class indices ``(n, k)`` and ``top`` their probabilities, most probable
+        first. Raises ``RequestError`` (RESOURCE_EXHAUSTED) before building an answer that could
+        not be sent.
+        """
+        def work() -> Resp:
+            order, top = ranked(probs, k)
+            check_answer_size(model.classes, order, self.limits.max_response_bytes)
+            return build(order, top)
+
+        if probs.size <= INLINE_CELLS:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+    def top_k(self, model: ServedModel, k: int) -> int:
+        """``top_k_arg`` under this server's ``max_top_k``."""
+        return top_k_arg(model, k, self.limits.max_top_k)
 
     def _check_batch(self, n: int) -> None:
         if n == 0:
@@ -146,15 +227,15 @@ def not_loaded(version: object, loaded: list[int]) -> str:
     return f"model version {version} is not loaded; loaded versions (newest first): {listed}"
 
 
-def top_k_arg(model: ServedModel, k: int) -> int:
-    """``k`` as asked (0 means 1), clamped to the classes known now; negative is INVALID_ARGUMENT.
+def top_k_arg(model: ServedModel, k: int, max_top_k: int | None = None) -> int:
+    """``k`` as asked (0 means 1), clamped to the classes known now and to ``max_top_k``.
 
-    Clamped rather than refused because classes appear while clients run: asking for 5 of 3 is
-    answered with 3.
+    Negative is INVALID_ARGUMENT. Clamped rather than refused because classes appear while clients
+    run: asking for 5 of 3 is answered with 3; ``serving.max_top_k`` caps it the same way.
     """
     if k < 0:
         raise invalid(f"top_k must be >= 0 (0 means 1), got {k}")
-    return min(max(k, 1), len(model.classes))
+    return min(max(k, 1), len(model.classes), max_top_k or len(model.classes))
 
 
 def rpc(name: str) -> Callable[[Callable[[Any, Req, Any, Timing], Awaitable[Resp]]],

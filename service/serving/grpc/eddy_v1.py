@@ -6,6 +6,7 @@ the ``AdminHandler`` protocol, and maps their errors to status codes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -13,7 +14,7 @@ import numpy as np
 
 from service.errors import ModelError
 from service.models.served import ServedModel
-from service.serving.grpc.common import Predictor, RequestError, Timing, invalid, rpc, top_k_arg
+from service.serving.grpc.common import Predictor, RequestError, Timing, invalid, rpc
 from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
 from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 
@@ -38,8 +39,10 @@ class AdminHandler(Protocol):
         """
 
 
-def _predictions(labels: list[str], probs: list[float]) -> list[pb.Prediction]:
-    return [pb.Prediction(label=lab, probability=p) for lab, p in zip(labels, probs, strict=True)]
+def _predictions(model: ServedModel, order: np.ndarray, probs: np.ndarray) -> list[pb.Prediction]:
+    classes = model.classes
+    return [pb.Prediction(label=classes[j], probability=p)
+            for j, p in zip(order.tolist(), probs.tolist(), strict=True)]
 
 
 def _pinned(request: Any) -> int | None:
@@ -57,7 +60,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Predict(self, request: pb.PredictRequest, context: Any, timing: Timing) -> pb.PredictResponse:
         """One input (text or features) -> its top_k labels."""
         model = self.predictor.model(_pinned(request))
-        k = top_k_arg(model, request.top_k)
+        k = self.predictor.top_k(model, request.top_k)
         kind = request.WhichOneof("input")
         if kind == "features":
             timing.input = "features"
@@ -69,15 +72,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             probs = await self.predictor.texts(model, [request.text])
         else:
             raise invalid("set exactly one input: text or features")
-        labels, top = model.top_k(probs, k)[0]
-        return pb.PredictResponse(predictions=_predictions(labels, top), model_version=model.version)
+        def build(order: np.ndarray, top: np.ndarray) -> pb.PredictResponse:
+            return pb.PredictResponse(predictions=_predictions(model, order[0], top[0]),
+                                      model_version=model.version)
+
+        return await self.predictor.answer(model, probs, k, build)
 
     @rpc("PredictBatch")
     async def PredictBatch(self, request: pb.PredictBatchRequest, context: Any,
                            timing: Timing) -> pb.PredictBatchResponse:
         """Many inputs (all texts or all feature rows) -> top_k labels for each, in order."""
         model = self.predictor.model(_pinned(request))
-        k = top_k_arg(model, request.top_k)
+        k = self.predictor.top_k(model, request.top_k)
         if request.texts and request.features:
             raise invalid("send texts or features, not both")
         if request.features:
@@ -86,25 +92,55 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         else:
             timing.input = "text"
             probs = await self.predictor.texts(model, list(request.texts))
-        results = [pb.PredictBatchResult(predictions=_predictions(labels, top))
-                   for labels, top in model.top_k(probs, k)]
-        return pb.PredictBatchResponse(results=results, model_version=model.version)
+
+        def build(order: np.ndarray, top: np.ndarray) -> pb.PredictBatchResponse:
+            results = [pb.PredictBatchResult(predictions=_predictions(model, idx, p))
+                       for idx, p in zip(order, top, strict=True)]
+            return pb.PredictBatchResponse(results=results, model_version=model.version)
+
+        return await self.predictor.answer(model, probs, k, build)
 
     @rpc("ModelInfo")
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: Any,
                         timing: Timing) -> pb.ModelInfoResponse:
-        """What is served now: version, classes, input width, provenance."""
+        """What is served now: version, classes (one page of them if they do not fit), input width, provenance."""
         model = self.predictor.model()
-        return info(model, self.model_name)
+        if request.class_offset < 0 or request.class_limit < 0:
+            raise invalid(f"class_offset and class_limit must be >= 0, got {request.class_offset} and "
+                          f"{request.class_limit}")
+        budget = (self.predictor.limits.max_response_bytes or 4 << 20) - INFO_RESERVE_BYTES
+        return info(model, self.model_name, offset=request.class_offset, limit=request.class_limit or None,
+                    max_bytes=budget)
 
 
-def info(model: ServedModel, model_name: str) -> pb.ModelInfoResponse:
-    """The ModelInfo answer for ``model``."""
+INFO_RESERVE_BYTES = 64 * 1024  # what ModelInfo holds besides the classes (offsets, names)
+
+
+def info(model: ServedModel, model_name: str, *, offset: int = 0, limit: int | None = None,
+         max_bytes: int | None = None) -> pb.ModelInfoResponse:
+    """The ModelInfo answer for ``model``: classes from ``offset``, at most ``limit`` and ``max_bytes``.
+
+    At least one class is listed when any remain, so paging always advances.
+    """
+    page = class_page(model.classes, offset, limit, max_bytes)
     return pb.ModelInfoResponse(
-        model_name=model_name, model_version=model.version, classes=list(model.classes),
+        model_name=model_name, model_version=model.version, classes=page,
         feature_dim=model.n_features, accepts_text=model.backbone is not None,
         head_kind=model.head_kind, backbone_identity=model.backbone_identity,
-        created_at=model.created_at, source_offsets=model.source_offsets)
+        created_at=model.created_at, source_offsets=model.source_offsets,
+        classes_total=len(model.classes), class_offset=min(offset, len(model.classes)))
+
+
+def class_page(classes: Sequence[str], offset: int, limit: int | None, max_bytes: int | None) -> list[str]:
+    """``classes[offset:offset + limit]``, cut where their protobuf encoding passes ``max_bytes``."""
+    page: list[str] = []
+    size = 0
+    for name in classes[offset:offset + limit if limit else None]:
+        size += len(name.encode()) + 3  # tag and length of one repeated string
+        if max_bytes is not None and page and size > max_bytes:
+            break
+        page.append(name)
+    return page
 
 
 def _rows(features: Any, d: int) -> np.ndarray:

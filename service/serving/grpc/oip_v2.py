@@ -31,7 +31,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.models.served import ServedModel
-from service.serving.grpc.common import Predictor, RequestError, Timing, invalid, not_loaded, rpc, top_k_arg
+from service.serving.grpc.common import Predictor, RequestError, Timing, invalid, not_loaded, rpc
 
 TEXT, FEATURES = "TEXT", "FEATURES"
 LABEL, PROBABILITY = "LABEL", "PROBABILITY"
@@ -117,7 +117,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def infer(self, request: pb.ModelInferRequest, timing: Timing) -> pb.ModelInferResponse:
         """Top-k labels and probabilities for a batch of texts or feature rows; ``RequestError`` if not."""
         model = self.model(request.model_name, request.model_version)
-        k = top_k_arg(model, _int_parameter(request.parameters, "top_k", default=1))
+        k = self.predictor.top_k(model, _int_parameter(request.parameters, "top_k", default=1))
         wanted = _requested_outputs(request)
         if len(request.inputs) != 1:
             names = [t.name for t in request.inputs]
@@ -135,16 +135,17 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             raise invalid(f"unknown input {tensor.name!r}: expected {TEXT} (BYTES [n]) "
                           f"or {FEATURES} (FP32 [n, d])")
-        return self._response(request, model, probs, k, wanted)
+        return await self.predictor.answer(
+            model, probs, k, lambda order, top: self._response(request, model, order, top, wanted))
 
-    def _response(self, request: pb.ModelInferRequest, model: ServedModel, probs: np.ndarray, k: int,
+    def _response(self, request: pb.ModelInferRequest, model: ServedModel, order: np.ndarray, top: np.ndarray,
                   wanted: list[str]) -> pb.ModelInferResponse:
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        top = np.take_along_axis(probs, order, axis=1).astype("<f4")
+        top = top.astype("<f4")
+        k = order.shape[1]
         response = pb.ModelInferResponse(model_name=self.model_name, model_version=str(model.version),
                                          id=request.id)
         response.parameters["model_version"].int64_param = model.version
-        shape = [len(probs), k]
+        shape = [len(order), k]
         for name in wanted:
             if name == LABEL:
                 labels = [model.classes[j].encode() for j in order.ravel().tolist()]

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -46,30 +48,81 @@ _STOPPERS: weakref.WeakKeyDictionary[grpc.aio.Server, Callable[[], Awaitable[Non
     weakref.WeakKeyDictionary())
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How many gRPC connections are held and for how long (``serving`` settings)."""
+
+    max_connections: int = 512
+    idle_seconds: float = 120.0
+    keepalive_seconds: float = 60.0
+    max_concurrent_streams: int = 128
+
+
+def connection_options(limits: ConnectionLimits) -> list[tuple[str, int]]:
+    """Grpc core channel arguments enforcing ``limits``.
+
+    ``grpc.max_allowed_incoming_connections`` refuses connections past the cap (grpc >= 1.56; the
+    server closes the extra socket at once); ``max_connection_idle_ms`` closes a connection with no
+    call for that long (GOAWAY, clients reconnect on their next call); keepalive pings find dead
+    peers; a client that connects and never finishes the HTTP/2 handshake is dropped after 10 s.
+    Issue 14: thousands of idle connections were held forever, until the process ran out of file
+    descriptors and even ``/healthz`` failed.
+    """
+    return [("grpc.max_allowed_incoming_connections", limits.max_connections),
+            ("grpc.max_connection_idle_ms", int(limits.idle_seconds * 1000)),
+            ("grpc.keepalive_time_ms", int(limits.keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.server_handshake_timeout_ms", 10_000),
+            ("grpc.max_concurrent_streams", limits.max_concurrent_streams)]
+
+
+def raise_fd_limit(connections: int, reserve: int = 256) -> None:
+    """Raise the soft open-files limit so ``connections`` fit with ``reserve`` to spare.
+
+    The reserve is for Kafka, files and the HTTP server; warns when the hard limit is too low.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + reserve
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("serving.max_connections=%d needs ~%d file descriptors, the limit is %d: "
+                        "lower it or raise `ulimit -n`", connections, want, new)
+
+
 async def start_server(slot: ModelSlot, *, host: str, port: int, model_name: str, max_message_bytes: int,
                        max_batch: int, max_text_chars: int, admin: AdminHandler | None,
                        admin_token: str | None, predict_token: str | None, tls_cert: Path | None,
-                       tls_key: Path | None, coalesce_texts: bool = True,
+                       tls_key: Path | None, coalesce_texts: bool = True, max_request_chars: int | None = None,
+                       max_top_k: int | None = None, embed_slice_chars: int | None = None,
+                       connections: ConnectionLimits | None = None,
                        predictor: Predictor | None = None) -> tuple[grpc.aio.Server, int]:
     """Start serving ``slot`` on ``host:port`` (0 picks a free port); return the server and bound port.
 
     ``predictor`` lets another surface (OIP v2 over HTTP/REST) share its limits and text coalescing;
-    by default one is built from ``max_batch``, ``max_text_chars`` and ``coalesce_texts``.
-
-    TLS is used iff both ``tls_cert`` and ``tls_key`` are given (PEM files). Raises ``ConfigError``
-    if the port cannot be bound or only one of the TLS files is given.
+    by default one is built from the per-request limits (``common.Limits``) and ``coalesce_texts``.
+    ``connections`` bounds connections (default ``ConnectionLimits()``). TLS is used iff both
+    ``tls_cert`` and ``tls_key`` are given (PEM files). Raises ``ConfigError`` if the port cannot be
+    bound or only one of the TLS files is given.
     """
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("serving.tls_cert and serving.tls_key must be set together")
+    connections = connections or ConnectionLimits()
+    raise_fd_limit(connections.max_connections)
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.so_reuseport", 0)]  # a second server on a taken port must fail, not share it
+               ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+               *connection_options(connections)]
     # The interceptor costs every call an extra await, so it is only installed when a token is set.
     interceptors = [TokenAuth(admin_token=admin_token, predict_token=predict_token)] if (
         admin_token or predict_token) else []
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    predictor = predictor or Predictor(slot, Limits(max_batch=max_batch, max_text_chars=max_text_chars),
-                                       coalesce_texts=coalesce_texts)
+    if predictor is None:
+        limits = Limits(max_batch=max_batch, max_text_chars=max_text_chars, max_request_chars=max_request_chars,
+                        max_top_k=max_top_k, max_response_bytes=max_message_bytes,
+                        embed_slice_chars=embed_slice_chars)
+        predictor = Predictor(slot, limits, coalesce_texts=coalesce_texts)
     eddy_grpc.add_InferenceServicer_to_server(InferenceServicer(predictor, model_name), server)
     eddy_grpc.add_AdminServicer_to_server(AdminServicer(admin), server)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(predictor, model_name), server)

@@ -67,11 +67,15 @@ class PredictBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[PredictBatchResult, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("class_offset", "class_limit")
+    CLASS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CLASS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    class_offset: int
+    class_limit: int
+    def __init__(self, class_offset: _Optional[int] = ..., class_limit: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "classes", "feature_dim", "accepts_text", "head_kind", "backbone_identity", "created_at", "source_offsets")
+    __slots__ = ("model_name", "model_version", "classes", "feature_dim", "accepts_text", "head_kind", "backbone_identity", "created_at", "source_offsets", "classes_total", "class_offset")
     class SourceOffsetsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +92,8 @@ class ModelInfoResponse(_message.Message):
     BACKBONE_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CLASS_OFFSET_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: int
     classes: _containers.RepeatedScalarFieldContainer[str]
@@ -97,7 +103,9 @@ class ModelInfoResponse(_message.Message):
     backbone_identity: str
     created_at: float
     source_offsets: _containers.ScalarMap[str, int]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., feature_dim: _Optional[int] = ..., accepts_text: _Optional[bool] = ..., head_kind: _Optional[str] = ..., backbone_identity: _Optional[str] = ..., created_at: _Optional[float] = ..., source_offsets: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    classes_total: int
+    class_offset: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., feature_dim: _Optional[int] = ..., accepts_text: _Optional[bool] = ..., head_kind: _Optional[str] = ..., backbone_identity: _Optional[str] = ..., created_at: _Optional[float] = ..., source_offsets: _Optional[_Mapping[str, int]] = ..., classes_total: _Optional[int] = ..., class_offset: _Optional[int] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("version",)
