@@ -31,7 +31,7 @@ from service.models.registry import ModelRegistry
 from service.models.served import ModelSlot, RegistryFollower, load_registered
 from service.roles.learn_loop import LearnLoop
 from service.serving.admin import DaemonAdmin
-from service.serving.grpc.common import Limits, Predictor
+from service.serving.grpc.common import Predictor
 from service.serving.grpc.oip_v2 import OipServicer
 from service.serving.grpc.server import start_server, stop_server
 from service.serving.ops_http import HealthReport, assess, start_http_server

@@ -31,8 +31,8 @@ from service.models.registry import ModelRegistry
 from service.models.served import ModelSlot
 from service.roles.learn_loop import LearnLoop, LoopOptions
 from service.roles.merger import MergeOptions, Merger
-from service.serving.grpc.common import Limits
 from service.roles.replica import PartitionedLearnLoop, ScaleOutOptions, replica_id
+from service.serving.grpc.common import Limits
 from service.serving.grpc.server import ConnectionLimits
 
 log = logging.getLogger("eddy")
