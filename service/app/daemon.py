@@ -114,14 +114,19 @@ class Daemon:
             await stop_server(server, 2.0)
 
     def _load_current_model(self) -> None:
-        version = self.registry.current()
-        if version is None:
+        """Serve the registry's current model at once; if it cannot be loaded, the newest older one that can."""
+        current = self.registry.current()
+        if current is None:
             return
-        try:
-            self.slot.swap(load_registered(self.registry, version, self.backbone))
-            log.info("serving model v%d from the registry", version)
-        except Exception as exc:
-            log.warning("could not load model v%d from the registry: %s", version, exc)
+        kept = sorted((int(e["version"]) for e in self.registry.versions() if int(e["version"]) <= current),
+                      reverse=True)
+        for version in kept or [current]:
+            try:
+                self.slot.swap(load_registered(self.registry, version, self.backbone))
+                log.info("serving model v%d from the registry", version)
+                return
+            except Exception as exc:
+                log.warning("could not load model v%d from the registry: %s", version, exc)
 
     async def _start_grpc(self) -> grpc.aio.Server:
         sv = self.s.serving
@@ -184,6 +189,7 @@ class Daemon:
             broker_up=metrics.broker_is_up(),
             serves=self.role in ("all", "serve"), learns=self.role in ("all", "learn"),
             details={"role": self.role, "model_version": model.version if model else None},
+            faults=metrics.faults(),
         )
 
     def _learner_thread_alive(self) -> bool:

@@ -143,7 +143,7 @@ class LearnLoop:
             if self._embed_ahead is not None:  # no thread left inside the encoder at exit
                 self._embed_ahead.close()
         self.exports.close(self.state)
-        self.snapshot("shutdown")
+        self.snapshot("shutdown")  # if it fails (reported), a restart replays from the last durable one
         self.snapshots.close()
 
     def step(self) -> None:
@@ -255,11 +255,11 @@ class LearnLoop:
     def forget(self, request: Any) -> dict[str, Any]:
         """Apply a forget request now (also used by the admin RPC) and export the result."""
         result = apply_forget(self.state, request, refetch=self.refetch, embed=self.embed,
-                              dim=self.opt.dim, max_event_bytes=self.opt.max_event_bytes)
+                              dim=self.opt.dim, max_event_bytes=self.opt.max_event_bytes, recent=self.recent)
         metrics.EVENTS.labels(result="forgotten").inc(result.forgotten)
         metrics.FORGET_UNKNOWN_IDS.inc(result.unknown)
         self.snapshots.since += 1
-        if result.forgotten:
+        if result.forgotten or result.memory_removed:
             metrics.CLASSES.set(len(self.state.head.classes_))
             self.exports.note_forgotten()
         return vars(result)
@@ -273,9 +273,9 @@ class LearnLoop:
         """Export the current head through the gates now and wait; return the applied version, if any."""
         return self.exports.export_now(self.state, self.recent)
 
-    def snapshot(self, why: str, *, commit: bool = True, wait: bool = True) -> None:
-        """Write the state durably now (see ``Snapshotter.snapshot``)."""
-        self.snapshots.snapshot(self.state, why, commit=commit, wait=wait)
+    def snapshot(self, why: str, *, commit: bool = True, wait: bool = True) -> bool:
+        """Write the state durably now (see ``Snapshotter.snapshot``); return whether it is durable."""
+        return self.snapshots.snapshot(self.state, why, commit=commit, wait=wait)
 
     # -- rebalancing -------------------------------------------------------------------------
     def _on_revoked(self, revoked: list[TopicPartition]) -> None:
