@@ -91,9 +91,8 @@ class LearnLoop:
         self.opt = options
         self.predict = predict
         self.recent = RecentRows(options.holdout_size, options.dim)
-        self.exports = ExportScheduler(exporter, ExportPolicy(options.export_every_events,
-                                                              options.export_every_seconds,
-                                                              options.gcv_every_seconds))
+        self.exports = ExportScheduler(exporter, ExportPolicy(
+            options.export_every_events, options.export_every_seconds, options.gcv_every_seconds))
         self.snapshots = Snapshotter(store, consumer, dlq, every_events=options.snapshot_every_events,
                                      every_seconds=options.snapshot_every_seconds)
         self._backlog = False  # more is waiting than one batch holds
@@ -157,6 +156,8 @@ class LearnLoop:
         again. Leaving half of each fetch buffered made the daemon 3-10x slower than a bare
         consumer (bench/throughput.py).
         """
+        if self.snapshots.blocked:  # the disk failed: serve, answer admin calls, learn nothing until it is back
+            return self.snapshots.retry_or_wait(self.state, first=self._run_tasks)
         if not self._buffered and not self._poll():
             return
         events = [self._buffered.popleft() for _ in range(min(self.opt.batch_max_events, len(self._buffered)))]

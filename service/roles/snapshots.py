@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -105,8 +106,9 @@ class Snapshotter:
             self.snapshot(state, "retry")
         return self.failure is None
 
-    def retry_or_wait(self, state: LearnerState, pause: float = 0.1) -> None:
-        """``retry_if_due``, then sleep ``pause`` seconds if the state is still not durable."""
+    def retry_or_wait(self, state: LearnerState, *, first: Callable[[], None], pause: float = 0.1) -> None:
+        """Run ``first`` (pending admin calls), then ``retry_if_due``; sleep ``pause`` s if still not durable."""
+        first()
         if not self.retry_if_due(state):
             time.sleep(pause)
 
