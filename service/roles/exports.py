@@ -108,8 +108,11 @@ class ExportScheduler:
     def maybe_export(self, state: LearnerState, recent: RecentRows, *, backlog: bool) -> None:
         """Collect a finished export; start the next one if due (and affordable, unless urgent)."""
         self.collect(state)
-        if state.counters.forgets_unexported > 0 and not self.paused:
-            self.changed = self.urgent = True  # also after a restart that found a forget not yet exported
+        if state.counters.forgets_unexported > 0:  # also after a restart that found one not yet exported
+            if self.paused:  # erasure outranks a rollback's pause: the rolled-back model knows the data
+                log.warning("a forget ends the rollback pause: exporting a model without the forgotten events")
+                self.paused = False
+            self.changed = self.urgent = True
         if self.exporter is None or not self.changed or self._inflight is not None or self.paused:
             return
         if self._retry.failures and not self._retry.due():

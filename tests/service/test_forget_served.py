@@ -151,3 +151,22 @@ def test_a_forget_request_over_the_cap_is_refused_before_anything_changes() -> N
 ])
 def test_only_loopback_peers_count_as_local(peer: str, local: bool) -> None:
     assert is_loopback(peer) is local
+
+
+def test_a_forget_ends_a_rollback_pause(tmp_path: Path) -> None:
+    X, labels, recs = stream(20)
+    state = learned_state(recs)
+    exports, _, slot = scheduler(tmp_path)
+    window = RecentRows(256, D)
+    window.extend(X, labels)
+    try:
+        assert exports.export_now(state, window) == 1
+        exports.pause(state)  # what Admin/Rollback does: keep serving the chosen model
+        apply_forget(state, ForgetRequest(label="a"), refetch=refetch_from(recs), embed=None, dim=D,
+                     max_event_bytes=10_000, recent=window)
+        exports.maybe_export(state, window, backlog=False)
+        exports.collect(state, wait=True)
+    finally:
+        exports.close(state)
+    served = slot.get()
+    assert served is not None and list(served.classes) == ["b", "c"] and not exports.paused
