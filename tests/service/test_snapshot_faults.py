@@ -67,3 +67,44 @@ def test_backoff_doubles_up_to_its_cap_and_resets() -> None:
     assert not backoff.due()
     backoff.reset()
     assert backoff.due() and backoff.failed() == 0.5
+
+
+def test_a_failed_export_is_counted_reported_and_retried_while_the_old_model_serves(tmp_path: Path) -> None:
+    import shutil
+
+    from service.core.recent_rows import RecentRows
+    from service.models.exporter import Exporter
+    from service.models.registry import ModelRegistry
+    from service.models.served import ModelSlot
+    from service.roles.exports import ExportPolicy, ExportScheduler
+
+    registry, slot = ModelRegistry(tmp_path / "models", keep=3), ModelSlot()
+    exporter = Exporter(registry=registry, slot=slot, backbone=None, backbone_identity="bb", head_kind="ncm",
+                        parity_tolerance=1e-4, max_accuracy_drop=0.5)
+    exports = ExportScheduler(exporter, ExportPolicy(every_events=1, every_seconds=0.0, gcv_every_seconds=1e9))
+    state = new_state("ncm", {}, None, window=10, backbone_identity="bb")
+    rng = np.random.default_rng(0)
+    recs = [Record("t", 0, i, encode(f"e{i}", "ab"[i % 2], features=rng.normal(size=4).tolist())) for i in range(6)]
+    learn_batch(state, recs[:4], embed=None, dim=4, max_event_bytes=10_000)
+    before = metrics.EXPORT_FAILURES._value.get()
+    try:
+        assert exports.export_now(state, RecentRows(8, 4)) == 1
+        shutil.rmtree(tmp_path / "models")
+        (tmp_path / "models").write_text("the registry's disk is gone")
+        learn_batch(state, recs[4:], embed=None, dim=4, max_event_bytes=10_000)
+        exports.note_learned(2, changed=True, new_class=True, received_at=0.0)  # urgent: no budget wait
+        exports.maybe_export(state, RecentRows(8, 4), backlog=False)
+        exports.collect(state, wait=True)
+        assert metrics.EXPORT_FAILURES._value.get() == before + 1 and "export" in metrics.faults()
+        assert slot.version == 1  # the old model keeps serving
+        (tmp_path / "models").unlink()
+        (tmp_path / "models").mkdir()
+
+        def exported() -> bool:
+            exports.maybe_export(state, RecentRows(8, 4), backlog=False)  # waits out the backoff
+            return exports.collect(state, wait=True) is not None
+
+        wait_for(exported, timeout=5, message="a retried export")
+    finally:
+        exports.close(state)
+    assert slot.version == 2 and "export" not in metrics.faults()
