@@ -79,6 +79,14 @@ LAST_SNAPSHOT_TIMESTAMP = Gauge(
 BROKER_UP = Gauge(
     "eddy_broker_up", "1 while the Kafka broker answers, 0 while it does not.", registry=REGISTRY
 )
+SNAPSHOT_FAILURES = Counter(
+    "eddy_snapshot_failures_total", "Snapshot writes that failed (full or read-only disk); each is retried.",
+    registry=REGISTRY,
+)
+EXPORT_FAILURES = Counter(
+    "eddy_export_failures_total", "Exports that failed with an error (e.g. the registry could not be written).",
+    registry=REGISTRY,
+)
 _broker_up = threading.Event()  # the same fact for /readyz, without reading the gauge's internals
 
 
@@ -99,3 +107,22 @@ EXPORT_SECONDS = Histogram(
     "eddy_export_seconds", "Time to solve, export and gate one model.", buckets=_SECONDS_BUCKETS,
     registry=REGISTRY,
 )
+
+
+_faults: dict[str, str] = {}  # component -> why it is degraded; shown in /readyz details
+_faults_lock = threading.Lock()
+
+
+def set_fault(component: str, reason: str | None) -> None:
+    """Record that ``component`` (``snapshot``, ``export``) is degraded and why, or (None) that it recovered."""
+    with _faults_lock:
+        if reason is None:
+            _faults.pop(component, None)
+        else:
+            _faults[component] = reason
+
+
+def faults() -> dict[str, str]:
+    """Components degraded now and why (empty when all is well)."""
+    with _faults_lock:
+        return dict(_faults)

@@ -124,22 +124,31 @@ class Daemon:
             await asyncio.gather(stop_rest(rest), stop_server(server, 2.0))
 
     def _load_current_model(self) -> None:
-        """Load the current version, after the kept ones before it that requests may pin."""
+        """Serve the registry's newest loadable model, with the kept versions before it that requests may pin.
+
+        If the current version cannot be loaded, the newest older one that can serves instead.
+        """
         try:
             current = self.registry.current()
-            kept = sorted(int(v["version"]) for v in self.registry.versions())
+            if current is None:
+                return
+            kept = sorted((int(e["version"]) for e in self.registry.versions() if int(e["version"]) <= current),
+                          reverse=True) or [current]
         except Exception as exc:
             log.warning("could not read the model registry: %s", exc)
             return
-        if current is None:
-            return
-        older = [v for v in kept if v < current][::-1][:self.slot.versions_loaded - 1][::-1]
-        for version in [*older, current]:
+        loaded = []
+        for version in kept:
             try:
-                self.slot.swap(load_registered(self.registry, version, self.backbone))
+                loaded.append(load_registered(self.registry, version, self.backbone))
             except Exception as exc:
                 log.warning("could not load model v%d from the registry: %s", version, exc)
-        log.info("serving model v%s from the registry (loaded: %s)", self.slot.version, self.slot.loaded_versions())
+            if len(loaded) == self.slot.versions_loaded:
+                break
+        for model in reversed(loaded):  # oldest first: the newest ends up current
+            self.slot.swap(model)
+        if loaded:
+            log.info("serving model v%s from the registry (loaded: %s)", self.slot.version, self.slot.loaded_versions())
 
     async def _start_rest(self, predictor: Predictor) -> web.AppRunner:
         sv = self.s.serving
@@ -213,6 +222,7 @@ class Daemon:
             broker_up=metrics.broker_is_up(),
             serves=self.role in ("all", "serve"), learns=self.role in ("all", "learn"),
             details={"role": self.role, "model_version": model.version if model else None},
+            faults=metrics.faults(),
         )
 
     def _learner_thread_alive(self) -> bool:

@@ -132,6 +132,7 @@ def restored_state(parts: Parts) -> tuple[LearnerState, SnapshotStore]:
     restored = store.latest()
     if restored is not None:
         restore_state(state, restored, s.head.kind, head_params(s.head))  # rebuilds a head whose settings changed
+        parts.registry.observe(state.model_version)  # a lost manifest must not send versions backwards
         log.info("restored snapshot: %d events learned, offsets %s", state.counters.learned, state.offsets)
         if state.backbone_identity != identity:
             # Text statistics from two encoders do not mix; feature-only streams are unaffected.

@@ -6,7 +6,15 @@ That needs each event's features again: eddy keeps the location (partition, offs
 ``kafka.dedupe_window`` learned ids and re-reads those events from Kafka, so exact forgetting
 works for events within that window and within the topic's retention. Ids outside it are counted
 as unknown (``eddy_forget_unknown_ids_total``) and logged, never silently ignored. Forgotten ids are
-remembered (tombstones): if such an event is replayed or arrives late it is not learned.
+remembered (tombstones): if such an event is replayed it is not learned again.
+
+Only ids that were learned (found in the id window) are tombstoned: an unknown id is counted and
+nothing more, so a flood of junk ids cannot push a real tombstone out of its bounded set (issue
+14). The tombstones are therefore bounded by what was actually forgotten. The cost: forgetting an
+id *before* its event arrives does not stop it from being learned; forget it after it arrives.
+
+The forgotten rows also leave the recent rows (the export gates' window), and
+``counters.forgets_unexported`` counts the request until a model without them is published.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import numpy as np
 
 from service.core.batch import Embed
 from service.core.events import Event, decode
+from service.core.recent_rows import RecentRows
 from service.core.state import LearnerState
 
 log = logging.getLogger("eddy.audit")
@@ -64,8 +73,13 @@ def parse_control(raw: bytes | None) -> ForgetRequest | str:
 
 
 def apply_forget(state: LearnerState, request: ForgetRequest, *, refetch: Refetch, embed: Embed | None,
-                 dim: int, max_event_bytes: int) -> ForgetResult:
-    """Remove the requested events from head, memory and id window; tombstone their ids."""
+                 dim: int, max_event_bytes: int, recent: RecentRows | None = None) -> ForgetResult:
+    """Remove the requested events from head, memory, error memory, id window and ``recent``; tombstone their ids.
+
+    Raises ``ValueError`` for more than ``MAX_IDS_PER_REQUEST`` ids (the control topic's cap too).
+    """
+    if len(request.ids) > MAX_IDS_PER_REQUEST:
+        raise ValueError(f"at most {MAX_IDS_PER_REQUEST} ids per forget request, got {len(request.ids)}")
     wanted = list(dict.fromkeys(request.ids))
     partial = False
     if request.label is not None:
@@ -77,6 +91,7 @@ def apply_forget(state: LearnerState, request: ForgetRequest, *, refetch: Refetc
     located = {i: loc for i in wanted if (loc := state.window.locate(i)) is not None}
     events = _reread(located, refetch, dim, max_event_bytes)
     unknown = len(wanted) - len(events)
+    X = np.zeros((0, dim), np.float32)
     if events:
         X = _rows(events, embed, dim)
         state.head.forget_many(X, [ev.label for ev in events])
@@ -90,10 +105,14 @@ def apply_forget(state: LearnerState, request: ForgetRequest, *, refetch: Refetc
             state.errors.discard(X, [ev.label for ev in events])
         if request.label is not None:
             state.errors.remove_label(request.label)
+    if recent is not None:
+        recent.discard(X, [ev.label for ev in events], label=request.label)
     state.window.discard(ev.id for ev in events)
-    state.tombstones.add(wanted)
+    state.tombstones.add(ev.id for ev in events)  # forgotten ids only: junk cannot evict a real tombstone
     state.counters.forgotten += len(events)
     state.counters.forget_unknown += unknown
+    if events or removed:
+        state.counters.forgets_unexported += 1
     result = ForgetResult(len(events), unknown, removed, partial)
     log.info("forget applied: ids=%d label=%r forgotten=%d unknown=%d memory_removed=%d partial=%s",
              len(request.ids), request.label, result.forgotten, unknown, removed, partial)

@@ -189,6 +189,7 @@ class Counters:
     forgotten: int = 0
     forget_unknown: int = 0
     forgotten_skipped: int = 0  # events not learned because their id had been forgotten
+    forgets_unexported: int = 0  # forget requests applied here but not yet in a published model
 
 
 @dataclass

@@ -10,6 +10,12 @@ Two gates stand before any swap:
   learned, so this is a regression guard against a broken solve, not a generalisation estimate.
 
 A rejected export is logged with its reason and counted; the old model keeps serving.
+
+An export that carries a forget (``forget=True``) skips the quality comparison: the served model
+still knows the forgotten events, so on any window that held them it would win, and the forget
+would never be served (issue 14). Parity still guards it. Once it is published, every older
+registry version is erased (``ModelRegistry.erase_before``): they still know the forgotten events,
+and a restart, a rollback or a manifest recovery must never serve them again.
 """
 
 from __future__ import annotations
@@ -56,11 +62,13 @@ class Exporter:
         self.max_accuracy_drop = max_accuracy_drop
 
     def export(self, head: Head, *, probe: np.ndarray, window: tuple[np.ndarray, list[str]],
-               offsets: dict[str, int], compensation: Compensator | None = None) -> ExportResult:
+               offsets: dict[str, int], compensation: Compensator | None = None,
+               forget: bool = False) -> ExportResult:
         """Export ``head`` and swap it in if it passes the gates. Never raises for a bad model.
 
         ``compensation`` (a frozen error memory) is attached to the served model; the gates judge
-        the ONNX head alone.
+        the ONNX head alone. ``forget``: ``head`` has forgotten events the served model knows
+        (module docstring). Raises ``OSError`` when the registry cannot be written.
         """
         start = time.perf_counter()
         readout = head.readout()
@@ -77,13 +85,16 @@ class Exporter:
         }
         data = readout_to_onnx(readout, metadata=meta).SerializeToString()
         session, _ = load_session(data)
-        reason = self._gates(readout, session, probe, window)
+        reason = self._gates(readout, session, probe, window, compare=not forget)
         if reason:
             metrics.SWAPS.labels(result="rejected", reason=reason.split(":")[0]).inc()
             log.warning("export rejected, version %d keeps serving: %s", self.slot_version(), reason)
             return ExportResult(False, None, reason, time.perf_counter() - start)
         sidecar = compensation_bytes(compensation) if compensation is not None else None
         published = self.registry.publish(data, meta, sidecar)
+        if forget:
+            erased = self.registry.erase_before(published)
+            log.info("forget exported as version %d; erased older versions %s", published, erased or "none")
         served = ServedModel.from_session(session, version=published, meta=meta, backbone=self.backbone,
                                           compensation=compensation)
         swapped = self.slot.swap(served)
@@ -99,14 +110,14 @@ class Exporter:
         return current.version if current is not None else 0
 
     def _gates(self, readout: Readout, session: object, probe: np.ndarray,
-               window: tuple[np.ndarray, list[str]]) -> str:
+               window: tuple[np.ndarray, list[str]], *, compare: bool = True) -> str:
         if len(probe):
             parity = check_parity(readout, session, probe, tol=self.parity_tolerance)
             if not parity.ok:
                 return f"parity: {parity.reason}"
         current = self.slot.get()
         X, labels = window
-        if current is None or not len(X):
+        if current is None or not len(X) or not compare:
             return ""
         known = set(current.classes)
         mask = np.array([label in known for label in labels])

@@ -4,6 +4,13 @@ An export solves a frozen copy of the head on its own thread (ridge's GCV lambda
 M = 2048), fits the temperature on a held-out memory sample, and hands the result to the
 ``Exporter`` (gates, registry, swap). The learner goes on learning meanwhile and adopts the
 choices made on the copy once the export lands.
+
+A forget must reach the served model: while ``state.counters.forgets_unexported`` is positive (it
+survives restarts in the snapshot), an export is urgent and carries ``forget=True``, which skips
+the accuracy comparison (the served model still knows what was forgotten, so it would win it) but
+not the parity gate, and erases the registry versions that still know the forgotten events. A
+failed export (an error, e.g. a registry that cannot be written) is logged, counted
+(``eddy_export_failures_total``), shown in ``/readyz`` and retried with backoff.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from service import metrics
 from service.core.recent_rows import RecentRows
 from service.core.state import LearnerState
 from service.models.exporter import Exporter, ExportResult
+from service.roles.snapshots import RetryBackoff
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,7 @@ class ExportJob:
     refit: bool
     compensation: Compensator | None = None  # frozen error memory for the served model
     calibration: tuple[np.ndarray, list[str]] | None = None  # memory sample to fit the temperature on
+    forgets: int = 0  # forget requests this export carries to the served model (0: a routine export)
 
 
 class ExportScheduler:
@@ -75,6 +84,8 @@ class ExportScheduler:
         self._inflight: Future[tuple[ExportJob, ExportResult, float]] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="export")
         self._calibration_rng = np.random.default_rng(0)
+        self._retry = RetryBackoff(max_seconds=30.0)
+        self.last_reason = ""  # why the last export was not applied ("" when it was)
 
     # -- what changed ------------------------------------------------------------------------
     def note_learned(self, n_events: int, *, changed: bool, new_class: bool, received_at: float) -> None:
@@ -97,7 +108,14 @@ class ExportScheduler:
     def maybe_export(self, state: LearnerState, recent: RecentRows, *, backlog: bool) -> None:
         """Collect a finished export; start the next one if due (and affordable, unless urgent)."""
         self.collect(state)
+        if state.counters.forgets_unexported > 0:  # also after a restart that found one not yet exported
+            if self.paused:  # erasure outranks a rollback's pause: the rolled-back model knows the data
+                log.warning("a forget ends the rollback pause: exporting a model without the forgotten events")
+                self.paused = False
+            self.changed = self.urgent = True
         if self.exporter is None or not self.changed or self._inflight is not None or self.paused:
+            return
+        if self._retry.failures and not self._retry.due():
             return
         since = time.monotonic() - self._last_export
         # A new class (or a forget) goes out at once: freshness is the promise.
@@ -116,7 +134,8 @@ class ExportScheduler:
         X, labels = recent.rows()
         job = ExportJob(copy.deepcopy(state.head), X, labels, dict(state.offsets), self.pending_since, refit,
                         compensation=Compensator.freeze(state.errors) if state.errors is not None else None,
-                        calibration=self._calibration_sample(state) if refit else None)
+                        calibration=self._calibration_sample(state) if refit else None,
+                        forgets=state.counters.forgets_unexported)
         self.pending_since = None
         self.changed = self.urgent = False
         self.since_export = 0
@@ -145,7 +164,7 @@ class ExportScheduler:
             if temperature is not None:
                 job.head.set_temperature(temperature)
         result = self.exporter.export(job.head, probe=job.X[-64:], window=(job.X, job.labels),
-                                      offsets=job.offsets, compensation=job.compensation)
+                                      offsets=job.offsets, compensation=job.compensation, forget=job.forgets > 0)
         return job, result, time.perf_counter() - start
 
     def collect(self, state: LearnerState, *, wait: bool = False) -> int | None:
@@ -156,17 +175,36 @@ class ExportScheduler:
         self._inflight = None
         try:
             job, result, self.cost = future.result()
-        except Exception:
-            log.exception("export failed; the served model is unchanged")
-            self.changed = True
+        except Exception as exc:
+            self._failed(exc)
             return None
+        if self._retry.failures:
+            log.warning("export works again after %d failures", self._retry.failures)
+            self._retry.reset()
+            metrics.set_fault("export", None)
         state.head.adopt_choices(job.head)
+        self.last_reason = result.reason
+        if job.forgets and result.version is not None:  # published; older versions erased
+            state.counters.forgets_unexported = max(state.counters.forgets_unexported - job.forgets, 0)
+        elif job.forgets:  # e.g. parity failed: the forget has not reached the served model yet
+            self.changed = self.urgent = True
+            log.error("a forget could not reach the served model (%s); retrying", result.reason)
+            self._retry.failed()
         if not result.applied or result.version is None:
             return None
         state.model_version = result.version
         if job.pending_since is not None:
             metrics.LABEL_TO_SERVABLE_SECONDS.observe(max(time.time() - job.pending_since, 0.0))
         return int(result.version)
+
+    def _failed(self, exc: Exception) -> None:
+        delay = self._retry.failed()
+        self.changed = True
+        self.last_reason = f"export failed: {exc}"
+        metrics.EXPORT_FAILURES.inc()
+        metrics.set_fault("export", f"{self.last_reason}; the served model is unchanged, retry in {delay:.1f} s")
+        log.error("export failed (%d in a row), the served model is unchanged; retry in %.1f s",
+                  self._retry.failures, delay, exc_info=exc)
 
     def pause(self, state: LearnerState) -> None:
         """Stop automatic exports (after a rollback) once any export in flight has landed."""

@@ -92,9 +92,8 @@ class LearnLoop:
         self.opt = options
         self.predict = predict
         self.recent = RecentRows(options.holdout_size, options.dim)
-        self.exports = ExportScheduler(exporter, ExportPolicy(options.export_every_events,
-                                                              options.export_every_seconds,
-                                                              options.gcv_every_seconds))
+        self.exports = ExportScheduler(exporter, ExportPolicy(
+            options.export_every_events, options.export_every_seconds, options.gcv_every_seconds))
         self.snapshots = Snapshotter(store, consumer, dlq, every_events=options.snapshot_every_events,
                                      every_seconds=options.snapshot_every_seconds)
         self._backlog = False  # more is waiting than one batch holds
@@ -144,7 +143,7 @@ class LearnLoop:
             if self._embed_ahead is not None:  # no thread left inside the encoder at exit
                 self._embed_ahead.close()
         self.exports.close(self.state)
-        self.snapshot("shutdown")
+        self.snapshot("shutdown")  # if it fails (reported), a restart replays from the last durable one
         self.snapshots.close()
 
     def step(self) -> None:
@@ -158,6 +157,8 @@ class LearnLoop:
         again. Leaving half of each fetch buffered made the daemon 3-10x slower than a bare
         consumer (bench/throughput.py).
         """
+        if self.snapshots.blocked:  # the disk failed: serve, answer admin calls, learn nothing until it is back
+            return self.snapshots.retry_or_wait(self.state, first=self._run_tasks)
         if not self._buffered and not self._poll():
             return
         events = [self._buffered.popleft() for _ in range(min(self.opt.batch_max_events, len(self._buffered)))]
@@ -257,11 +258,11 @@ class LearnLoop:
     def forget(self, request: Any) -> dict[str, Any]:
         """Apply a forget request now (also used by the admin RPC) and export the result."""
         result = apply_forget(self.state, request, refetch=self.refetch, embed=self.embed,
-                              dim=self.opt.dim, max_event_bytes=self.opt.max_event_bytes)
+                              dim=self.opt.dim, max_event_bytes=self.opt.max_event_bytes, recent=self.recent)
         metrics.EVENTS.labels(result="forgotten").inc(result.forgotten)
         metrics.FORGET_UNKNOWN_IDS.inc(result.unknown)
         self.snapshots.since += 1
-        if result.forgotten:
+        if result.forgotten or result.memory_removed:
             metrics.CLASSES.set(len(self.state.head.classes_))
             self.exports.note_forgotten()
         return vars(result)
@@ -275,9 +276,9 @@ class LearnLoop:
         """Export the current head through the gates now and wait; return the applied version, if any."""
         return self.exports.export_now(self.state, self.recent)
 
-    def snapshot(self, why: str, *, commit: bool = True, wait: bool = True) -> None:
-        """Write the state durably now (see ``Snapshotter.snapshot``)."""
-        self.snapshots.snapshot(self.state, why, commit=commit, wait=wait)
+    def snapshot(self, why: str, *, commit: bool = True, wait: bool = True) -> bool:
+        """Write the state durably now (see ``Snapshotter.snapshot``); return whether it is durable."""
+        return self.snapshots.snapshot(self.state, why, commit=commit, wait=wait)
 
     # -- rebalancing -------------------------------------------------------------------------
     def _on_revoked(self, revoked: list[TopicPartition]) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from service.core.forget import ForgetRequest
+from service.core.forget import MAX_IDS_PER_REQUEST, ForgetRequest
 from service.errors import ModelError
 from service.models.registry import ModelRegistry
 from service.models.served import Backbone, ModelSlot, load_served_model
@@ -32,8 +32,8 @@ class AdminLearner(Protocol):
     def forget(self, request: Any) -> dict[str, Any]:
         """Apply a forget request now."""
 
-    def snapshot(self, why: str) -> None:
-        """Write the state durably now."""
+    def snapshot(self, why: str) -> bool:
+        """Write the state durably now; whether it is durable."""
 
 
 class DaemonAdmin:
@@ -74,18 +74,31 @@ class DaemonAdmin:
         return int(version if version is not None else (current.version if current else 0))
 
     async def forget(self, ids: list[str], label: str | None) -> dict[str, Any]:
-        """Forget events by id and/or a whole label, then export."""
+        """Forget events by id and/or a whole label; return once a model without them serves.
+
+        Raises ``ValueError`` beyond ``MAX_IDS_PER_REQUEST`` ids (the control topic's cap), and
+        ``ModelError`` when the forget is applied but could not be made durable, or no model
+        without the forgotten events could be served (the learner keeps retrying that export).
+        """
+        if len(ids) > MAX_IDS_PER_REQUEST:
+            raise ValueError(f"at most {MAX_IDS_PER_REQUEST} ids per forget request, got {len(ids)}")
         loop = self._loop()
         request = ForgetRequest(tuple(ids), label)
 
         def forget_durably() -> dict[str, Any]:
             # Unlike the control topic, nothing in Kafka replays this request: snapshot before replying.
-            outcome = loop.forget(request)
-            loop.snapshot("forget")
-            return dict(outcome)
+            outcome = dict(loop.forget(request))
+            if not loop.snapshot("forget"):
+                raise ModelError("forget applied in memory, but its snapshot could not be written (see /readyz); "
+                                 "it is retried, and lost if the process dies first")
+            return outcome
 
         result = await asyncio.wrap_future(loop.submit(forget_durably))
-        await asyncio.wrap_future(loop.submit(loop.export_now))
+        if result.get("forgotten") or result.get("memory_removed"):
+            version = await asyncio.wrap_future(loop.submit(loop.export_now))
+            if version is None:
+                raise ModelError("forget applied and durable, but no model without the forgotten events could be "
+                                 "served yet (see the log and eddy_swaps_total); the learner keeps retrying")
         return dict(result)
 
     def _loop(self) -> AdminLearner:

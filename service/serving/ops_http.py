@@ -8,7 +8,9 @@ get the stdlib's 501):
 - ``/healthz``: 200 while the process is alive (``HealthReport.live``), 503 otherwise. Kubernetes
   restarts the pod on repeated failures, so it must only fail when a restart would help.
 - ``/readyz``: 200 when the process should receive traffic (``HealthReport.ready``: a model is
-  served and, for roles that learn, the broker answers), 503 with the reasons otherwise.
+  served and, for roles that learn, the broker answers), 503 with the reasons otherwise. Its
+  ``degraded`` list says what does not work while the process still serves (a disk that cannot
+  take snapshots or exports: learning is paused until it can).
 
 Both health bodies are JSON: ``{"status": "ok"|"unavailable", "reasons": [...], ...details}``.
 A health callable that raises counts as not live and not ready (its error becomes the reason),
@@ -53,13 +55,17 @@ class HealthReport:
 
 
 def assess(*, loop_alive: bool, model_served: bool, broker_up: bool, serves: bool, learns: bool,
-           details: dict[str, Any] | None = None) -> HealthReport:
+           details: dict[str, Any] | None = None, faults: dict[str, str] | None = None) -> HealthReport:
     """The liveness and readiness rule as a pure function.
 
     live = the process loop is alive. ready = live and, for a process that serves, a model is
     served (a Kafka outage does not make a serving process unready: it keeps answering with the
     last model); for a learn-only process, the broker answers. The broker's state is always in
     ``details`` so operators see it.
+
+    ``faults`` (component -> reason: a snapshot or export that cannot be written) degrade the
+    process: they are listed under ``degraded`` in ``details``. A serving process stays ready (it
+    answers with the served model; learning waits for the disk), a learn-only one is not ready.
     """
     reasons = []
     if not loop_alive:
@@ -68,7 +74,10 @@ def assess(*, loop_alive: bool, model_served: bool, broker_up: bool, serves: boo
         reasons.append("no model is served yet")
     if learns and not serves and not broker_up:
         reasons.append("Kafka broker unreachable")
-    info = {**(details or {}), "broker_up": broker_up}
+    degraded = [f"{component}: {why}" for component, why in sorted((faults or {}).items())]
+    if learns and not serves:
+        reasons.extend(degraded)
+    info = {**(details or {}), "broker_up": broker_up, "degraded": degraded}
     return HealthReport(live=loop_alive, ready=not reasons, reasons=reasons, details=info)
 
 

@@ -189,6 +189,9 @@ def test_admin_rollback_export_forget(tmp_path: Path) -> None:
         assert admin.forgotten == [(["a", "b"], None)]
         code, _ = _code(stub.Forget, pb.ForgetRequest(ids=["a"], label="x"))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
+        code, details = _code(stub.Forget, pb.ForgetRequest(ids=[str(i) for i in range(100_001)]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 100000 ids" in details  # the control topic's cap
+        assert len(admin.forgotten) == 1
 
 
 def test_admin_without_handler_is_unimplemented(addr: str) -> None:

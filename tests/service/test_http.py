@@ -155,4 +155,13 @@ def test_assess_rule(loop, model, broker, serves, learns, live, ready, n_reasons
     r = assess(loop_alive=loop, model_served=model, broker_up=broker, serves=serves, learns=learns,
                details={"role": "x"})
     assert (r.live, r.ready, len(r.reasons)) == (live, ready, n_reasons)
-    assert r.details == {"role": "x", "broker_up": broker}
+    assert r.details == {"role": "x", "broker_up": broker, "degraded": []}
+
+
+@pytest.mark.parametrize(("serves", "ready"), [(True, True), (False, False)])
+def test_a_disk_fault_degrades_but_a_serving_process_stays_ready(serves: bool, ready: bool) -> None:
+    faults = {"snapshot": "snapshot write failed (Read-only file system); learning paused"}
+    r = assess(loop_alive=True, model_served=True, broker_up=True, serves=serves, learns=True, faults=faults)
+    assert r.ready is ready
+    assert r.details["degraded"] == ["snapshot: snapshot write failed (Read-only file system); learning paused"]
+    assert (r.reasons == []) is serves

@@ -117,3 +117,53 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path: Path) -> None:
         t.join()
     assert sorted(results) == list(range(1, 21))
     assert ModelRegistry(tmp_path, keep=50).current() == 20
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupt"])
+def test_a_lost_manifest_is_rebuilt_from_the_files_and_versions_never_go_back(tmp_path: Path, damage: str) -> None:
+    registry = ModelRegistry(tmp_path, keep=3)
+    for _ in range(5):
+        _publish(registry)
+    if damage == "deleted":
+        (tmp_path / MANIFEST).unlink()
+    else:
+        (tmp_path / MANIFEST).write_bytes(b'{"format": 1, "versi')
+    (tmp_path / model_file_name(3)).write_bytes(b"bit rot")  # a damaged file is skipped, not served
+    recovered = ModelRegistry(tmp_path, keep=3)
+    assert recovered.current() == 5
+    assert [v["version"] for v in recovered.versions()] == [4, 5]
+    assert json.loads((tmp_path / MANIFEST).read_text())["current"] == 5  # written back
+    assert _publish(recovered) == 6
+
+
+def test_numbering_stays_above_a_version_seen_elsewhere(tmp_path: Path) -> None:
+    """All files gone, but the newest snapshot says v13 was served: the next model is v14, never v1."""
+    registry = ModelRegistry(tmp_path, keep=3)
+    registry.observe(13)
+    assert registry.next_version() == 14
+    assert _publish(registry) == 14
+
+
+def test_a_version_seen_once_is_not_reused_after_the_manifest_is_lost_meanwhile(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path, keep=2)
+    for _ in range(3):
+        _publish(registry)
+    for path in tmp_path.glob("v*.onnx"):
+        path.unlink()
+    (tmp_path / MANIFEST).unlink()
+    assert _publish(registry) == 4  # this process saw 3
+
+
+def test_erase_before_purges_versions_that_know_forgotten_data_and_rollback_says_why(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path, keep=5)
+    for _ in range(3):
+        _publish(registry)
+    assert registry.erase_before(3) == [1, 2]
+    assert [v["version"] for v in registry.versions()] == [3]
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == [model_file_name(3)]
+    with pytest.raises(ModelError, match="versions before 3 were erased by a forget"):
+        registry.rollback()
+    with pytest.raises(ModelError, match="model version 1 was erased"):
+        registry.rollback(1)
+    (tmp_path / MANIFEST).unlink()  # a rebuilt manifest cannot find them again either
+    assert ModelRegistry(tmp_path, keep=5).current() == 3

@@ -1,17 +1,21 @@
 """The eddy.v1 servicers: ``Inference`` (Predict, PredictBatch, ModelInfo) and ``Admin``.
 
 Admin actions belong to the daemon that owns the learner; this module only translates them, through
-the ``AdminHandler`` protocol, and maps their errors to status codes.
+the ``AdminHandler`` protocol, and maps their errors to status codes. Without an admin token the
+Admin service answers only callers on this machine (loopback or a unix socket): others get
+PERMISSION_DENIED, so a daemon listening on ``0.0.0.0`` is not an open forget/rollback endpoint.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import grpc
 import numpy as np
 
+from service.core.forget import MAX_IDS_PER_REQUEST
 from service.errors import ModelError
 from service.models.served import ServedModel
 from service.serving.grpc.common import Predictor, RequestError, Timing, invalid, rpc
@@ -154,13 +158,31 @@ def _rows(features: Any, d: int) -> np.ndarray:
     return X
 
 
+def is_loopback(peer: str) -> bool:
+    """Whether a gRPC peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:...``) is this machine."""
+    kind, _, rest = peer.partition(":")
+    if kind == "unix":
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
 class AdminServicer(pb_grpc.AdminServicer):
     """eddy.v1.Admin, delegating to the daemon's ``AdminHandler`` (UNIMPLEMENTED without one)."""
 
-    def __init__(self, handler: AdminHandler | None) -> None:
+    def __init__(self, handler: AdminHandler | None, *, loopback_only: bool = False) -> None:
         self.handler = handler
+        self.loopback_only = loopback_only  # no admin token: only callers on this machine may act
 
-    def _handler(self) -> AdminHandler:
+    def _handler(self, context: Any) -> AdminHandler:
+        if self.loopback_only and not is_loopback(context.peer()):
+            raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
+                               "admin RPCs are accepted only from loopback while serving.admin_token is unset")
         if self.handler is None:
             raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
                                "admin actions are not available in this process (serve-only role)")
@@ -172,14 +194,14 @@ class AdminServicer(pb_grpc.AdminServicer):
         """Serve an earlier version's model again, under a new, higher version."""
         version = request.version if request.HasField("version") else None
         with _refusals():
-            new = await self._handler().rollback(version)
+            new = await self._handler(context).rollback(version)
         return pb.RollbackResponse(model_version=new)
 
     @rpc("Export")
     async def Export(self, request: pb.ExportRequest, context: Any, timing: Timing) -> pb.ExportResponse:
         """Export the learner's head now."""
         with _refusals():
-            version = await self._handler().export()
+            version = await self._handler(context).export()
         return pb.ExportResponse(model_version=version)
 
     @rpc("Forget")
@@ -188,8 +210,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         label = request.label if request.HasField("label") else None
         if bool(request.ids) == (label is not None):
             raise invalid("set exactly one of ids or label")
+        if len(request.ids) > MAX_IDS_PER_REQUEST:
+            raise invalid(f"at most {MAX_IDS_PER_REQUEST} ids per forget request, got {len(request.ids)}")
         with _refusals():
-            result = await self._handler().forget(list(request.ids), label)
+            result = await self._handler(context).forget(list(request.ids), label)
         return pb.ForgetResponse(forgotten=int(result.get("forgotten", 0)),
                                  unknown=int(result.get("unknown", 0)),
                                  memory_removed=int(result.get("memory_removed", 0)),

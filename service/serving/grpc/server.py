@@ -124,14 +124,14 @@ async def start_server(slot: ModelSlot, *, host: str, port: int, model_name: str
                         embed_slice_chars=embed_slice_chars)
         predictor = Predictor(slot, limits, coalesce_texts=coalesce_texts)
     eddy_grpc.add_InferenceServicer_to_server(InferenceServicer(predictor, model_name), server)
-    eddy_grpc.add_AdminServicer_to_server(AdminServicer(admin), server)
+    eddy_grpc.add_AdminServicer_to_server(AdminServicer(admin, loopback_only=not admin_token), server)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(predictor, model_name), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICE_NAMES, server)
     bound = _bind(server, host, port, tls_cert, tls_key)
-    if admin is not None and admin_token is None and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("admin RPCs are open to anyone who can reach %s:%d: set serving.admin_token", host, bound)
+    if admin is not None and not admin_token and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving.admin_token is unset: admin RPCs on %s:%d answer loopback callers only", host, bound)
     stop_following = await _follow_health(slot, health_servicer)
     await server.start()
     log.info("gRPC server listening on %s:%d (%s)", host, bound, "TLS" if tls_cert else "insecure")
