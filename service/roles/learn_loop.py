@@ -17,7 +17,6 @@ Dead letters written after the last snapshot are written again on replay with th
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -43,6 +42,7 @@ from service.roles.embed_ahead import EmbedAhead
 from service.roles.exports import ExportPolicy, ExportScheduler
 from service.roles.progress import Interval, assigned_partitions, consumer_lag, offsets_lookup
 from service.roles.snapshots import Snapshotter
+from service.roles.tasks import TaskQueue
 
 log = logging.getLogger(__name__)
 
@@ -104,21 +104,11 @@ class LearnLoop:
         self._log_timer = Interval(options.log_every_seconds)
         self._log_counts = {"learned": 0, "dead_letter": 0, "duplicate": 0}
         self.correct = self.predicted = 0
-        self._tasks: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
+        self._tasks = TaskQueue()
 
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run ``fn`` on the learner thread between batches (admin RPCs); returns its future."""
-        future: Future[Any] = Future()
-        self._tasks.put((fn, future))
-        return future
-
-    def _run_tasks(self) -> None:
-        while not self._tasks.empty():
-            fn, future = self._tasks.get_nowait()
-            try:
-                future.set_result(fn())
-            except Exception as exc:
-                future.set_exception(exc)
+        return self._tasks.submit(fn)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -170,7 +160,7 @@ class LearnLoop:
         # Behind by more than a batch: in our buffer, or on the broker (the last fetch's high
         # watermark). A poll's size alone misses it when a fetch holds less than a batch.
         self._backlog = bool(self._buffered) or self._lag() >= self.opt.batch_max_events
-        self._run_tasks()
+        self._tasks.run_pending()
         self.exports.maybe_export(self.state, self.recent, backlog=self._backlog)
         self.snapshots.maybe_snapshot(self.state, backlog=self._backlog)
         self._maybe_log()
@@ -206,7 +196,7 @@ class LearnLoop:
         if now - self._last_outage_log > self.opt.log_every_seconds:
             self._last_outage_log = now
             log.warning("Kafka unreachable (%s); predictions go on, retrying with backoff", exc)
-        self._run_tasks()
+        self._tasks.run_pending()
         self._outage_backoff = min(max(2 * self._outage_backoff, 0.1), self.opt.retry_backoff_max_s)
         time.sleep(self._outage_backoff)
 
