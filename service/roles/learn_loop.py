@@ -148,7 +148,7 @@ class LearnLoop:
         consumer (bench/throughput.py).
         """
         if self.snapshots.blocked:  # the disk failed: serve, answer admin calls, learn nothing until it is back
-            return self.snapshots.retry_or_wait(self.state, first=self._run_tasks)
+            return self.snapshots.retry_or_wait(self.state, first=self._tasks.run_pending)
         if not self._buffered and not self._poll():
             return
         events = [self._buffered.popleft() for _ in range(min(self.opt.batch_max_events, len(self._buffered)))]
