@@ -34,7 +34,9 @@ class AdminHandler(Protocol):
     async def forget(self, ids: list[str], label: str | None) -> dict[str, Any]:
         """Forget events by id, or a whole label.
 
-        Returns ``{"forgotten": int, "unknown": int, "memory_removed": int, "partial": bool}``.
+        Returns ``{"forgotten": int, "unknown": int, "memory_removed": int, "partial": bool}``, plus
+        ``"published": "topic:partition@offset"`` where the request was only queued on the control
+        topic (scale-out mode; sent back as trailing metadata ``eddy-forget-published``).
         """
 
 
@@ -154,6 +156,8 @@ class AdminServicer(pb_grpc.AdminServicer):
             raise invalid("set exactly one of ids or label")
         with _refusals():
             result = await self._handler().forget(list(request.ids), label)
+        if "published" in result:  # scale-out: queued on the control topic, not yet applied
+            context.set_trailing_metadata((("eddy-forget-published", str(result["published"])),))
         return pb.ForgetResponse(forgotten=int(result.get("forgotten", 0)),
                                  unknown=int(result.get("unknown", 0)),
                                  memory_removed=int(result.get("memory_removed", 0)),
