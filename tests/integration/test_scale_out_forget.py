@@ -15,6 +15,7 @@ import collections
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -52,6 +53,15 @@ def _scale_out_env(tmp_path: Path, bootstrap: str, topic: str, **extra: str) -> 
                       EDDY_KAFKA__DELTAS_TOPIC=f"{topic}.deltas", EDDY_MEMORY__MAX_ITEMS="0",
                       EDDY_CHECKPOINT__EVERY_SECONDS="1", EDDY_EXPORT__EVERY_SECONDS="0.5",
                       EDDY_SERVING__FOLLOW_SECONDS="0.2", **extra)
+
+
+def _start_all(tmp_path: Path, specs: list[tuple[dict[str, str], str, str]], procs: list[DaemonProc]
+               ) -> list[DaemonProc]:
+    """Start ``(env, role, name)`` daemons side by side (each waits for its metrics endpoint); all go in ``procs``."""
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = [pool.submit(start_daemon, tmp_path, env, role=role, name=name) for env, role, name in specs]
+    procs.extend(f.result() for f in futures if f.exception() is None)  # the caller stops these
+    return [f.result() for f in futures]
 
 
 def _send_control(bootstrap: str, topic: str, body: dict) -> None:
@@ -118,12 +128,9 @@ def test_forget_in_scale_out_equals_single_process_and_leaves_the_served_model(k
     merger_ckpt = tmp_path / "merger"
     procs: list[DaemonProc] = []
     try:
-        merger = start_daemon(tmp_path, {**env, "EDDY_CHECKPOINT__DIR": str(merger_ckpt)}, role="merge",
-                              name="merger")
-        server = start_daemon(tmp_path, env, role="serve", name="serve")
-        single = start_daemon(tmp_path, single_env, role="all", name="single")
-        learners = [start_daemon(tmp_path, env, role="learn", name=f"learner-{i}") for i in range(2)]
-        procs += [merger, server, single, *learners]
+        merger, server, single, *learners = _start_all(tmp_path, [
+            ({**env, "EDDY_CHECKPOINT__DIR": str(merger_ckpt)}, "merge", "merger"), (env, "serve", "serve"),
+            (single_env, "all", "single"), (env, "learn", "learner-0"), (env, "learn", "learner-1")], procs)
 
         _produce(kafka_bootstrap, topic_name, events[:1_500], 1000.0)
         _wait_until("1,000 merged events", lambda: merger.metric(LEARNED) >= 1_000, [merger, *learners], 120)
@@ -153,6 +160,7 @@ def test_forget_in_scale_out_equals_single_process_and_leaves_the_served_model(k
         assert reply.predictions and label not in {p.label for p in reply.predictions}
         time.sleep(1.5)  # a late second application would show in the counters below
         assert merger.metric(FORGOTTEN) == len(gone) and merger.metric(UNKNOWN) == len(NEVER_PRODUCED)
+        assert [learner.metric(UNKNOWN) for learner in learners] == [0, 0]  # counted by the merger alone
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -186,11 +194,9 @@ def test_a_replica_killed_around_a_forget_neither_loses_nor_repeats_it(kafka_boo
     merger_ckpt = tmp_path / "merger"
     procs: list[DaemonProc] = []
     try:
-        merger = start_daemon(tmp_path, {**env, "EDDY_CHECKPOINT__DIR": str(merger_ckpt)}, role="merge",
-                              name="merger")
-        doomed = start_daemon(tmp_path, {**env, "EDDY_TESTING_KILL_AT": kill_at}, role="learn", name="doomed")
-        other = start_daemon(tmp_path, env, role="learn", name="other")
-        procs += [merger, doomed, other]
+        merger, doomed, other = _start_all(tmp_path, [
+            ({**env, "EDDY_CHECKPOINT__DIR": str(merger_ckpt)}, "merge", "merger"),
+            ({**env, "EDDY_TESTING_KILL_AT": kill_at}, "learn", "doomed"), (env, "learn", "other")], procs)
         _wait_until("both replicas to own partitions", lambda: _owned(doomed.log()) and _owned(other.log())
                     and _owned(doomed.log()) | _owned(other.log()) == {0, 1, 2}, procs, 60)
         _produce(kafka_bootstrap, topic_name, events, 2000.0)
