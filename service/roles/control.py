@@ -26,11 +26,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from service import metrics
 from service.core.batch import Embed, Record, tp_key
+from service.core.events import Event, decode
 from service.core.forget import ForgetRequest, Refetch, apply_forget, parse_control
 from service.errors import EddyError
 from service.kafka.clients import DeadLetterWriter
@@ -118,8 +120,10 @@ class ControlFollower:
         return 1
 
     def _forget(self, part: PartitionState, request: ForgetRequest, rec: Record) -> None:
+        reread = RereadRows(self.refetch, self.embed, self.opt.dim, self.opt.max_event_bytes)
         try:
-            result = apply_forget(part.state, request, refetch=self.refetch, embed=self.embed,
+            result = apply_forget(part.state, request, refetch=reread.refetch,
+                                  embed=reread.embed if self.embed is not None else None,
                                   dim=self.opt.dim, max_event_bytes=self.opt.max_event_bytes)
         except (ValueError, EddyError, KafkaError) as exc:
             # Re-reading and embedding happen before any state changes, so the state is intact.
@@ -133,6 +137,8 @@ class ControlFollower:
         part.forget_named += len(dict.fromkeys(request.ids))
         if request.label is not None:
             part.drop_recent_label(request.label)
+        if result.forgotten:  # the record must not carry forgotten events' rows either
+            part.drop_recent_rows(reread.rows())
         metrics.EVENTS.labels(result="forgotten").inc(result.forgotten)
         log.info("partition %d: forget at control offset %d removed %d events", part.partition, rec.offset,
                  result.forgotten)
@@ -142,3 +148,41 @@ class ControlFollower:
         self.dlq.send(rec.value, reason=reason, detail=detail, topic=rec.topic, partition=rec.partition,
                       offset=rec.offset, headers=list(rec.headers))
 
+
+
+class RereadRows:
+    """Wraps a forget's re-reading and embedding to keep the rows of the events it re-read.
+
+    A partition's published record carries its recent rows (the merger's gate window); the rows of
+    forgotten events must leave it too, and the recent rows have no ids, so they are matched by value.
+    """
+
+    def __init__(self, refetch: Refetch, embed: Embed | None, dim: int, max_event_bytes: int) -> None:
+        self._refetch = refetch
+        self._embed = embed
+        self.dim = dim
+        self.max_event_bytes = max_event_bytes
+        self._raw: list[bytes] = []
+        self._embedded: list[np.ndarray] = []
+
+    def refetch(self, locations: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes | None]:
+        """``refetch``, remembering what it returned."""
+        found = self._refetch(locations)
+        self._raw.extend(v for v in found.values() if v is not None)
+        return found
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """``embed``, remembering what it returned."""
+        assert self._embed is not None
+        X = self._embed(texts)
+        self._embedded.append(np.asarray(X, np.float32))
+        return X
+
+    def rows(self) -> np.ndarray:
+        """Feature rows of the re-read feature events and embeddings of the re-read texts, ``(n, dim)``."""
+        blocks = list(self._embedded)
+        for raw in self._raw:
+            event = decode(raw, dim=self.dim, max_bytes=self.max_event_bytes)
+            if isinstance(event, Event) and event.features is not None:
+                blocks.append(np.asarray(event.features, np.float32)[None, :])
+        return np.concatenate(blocks) if blocks else np.zeros((0, self.dim), np.float32)

@@ -17,7 +17,9 @@ A restarted merger rebuilds everything from the topic; it keeps no other state.
 Forget requests are applied by the replicas, per partition (``service.roles.control``); a state
 that lost events or a whole label is published at once and merged like any newer state, so the
 next model drops them (a label forgotten everywhere disappears from the merged classes). The
-quality gate's window leaves out rows of classes the merged head no longer has. Ids no partition
+quality gate's window leaves out rows of classes the merged head no longer has, and an export that
+carries newly forgotten events skips the quality gate (a forget must be served; parity still
+applies). Ids no partition
 knew are counted once, here (``service.roles.forget_view``), once every partition applied the
 same requests.
 """
@@ -79,6 +81,7 @@ class Merger:
         self.merges = 0
         self._dirty = self._unsnapshotted = False
         self._learned_reported = self._forgotten_reported = 0
+        self._forgotten_served: int | None = None  # forgotten events behind the last applied export
         self.forget_unknown = 0  # settled count of ids no partition knew (forget_view)
         self.source_partitions = 0  # of the source topic, from the broker's metadata (0: unknown)
         self._export_cost = 0.0
@@ -200,10 +203,17 @@ class Merger:
         if self.exporter is None:
             return None
         X, labels = self._recent_rows(set(head.classes_))
-        result = self.exporter.export(head, probe=X[-64:], window=(X, labels), offsets=self.offsets())
+        window = (X, labels)
+        if self._forgotten_served is not None and counters["forgotten"] > self._forgotten_served:
+            # A forget must reach the served model: no accuracy comparison stops it (parity still does).
+            window = (X[:0], [])
+            log.info("merged state forgot %d events since the last export: quality gate skipped",
+                     counters["forgotten"] - self._forgotten_served)
+        result = self.exporter.export(head, probe=X[-64:], window=window, offsets=self.offsets())
         self._export_cost = result.seconds
         if result.applied and result.version is not None:
             self.model_version = result.version
+            self._forgotten_served = counters["forgotten"]
             return result.version
         return None
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
+
 from service.core.batch import tp_key
 from service.core.recent_rows import RecentRows
 from service.core.state import LearnerState
@@ -42,8 +44,19 @@ class PartitionState:
 
     def drop_recent_label(self, label: str) -> None:
         """Remove a forgotten label's rows from the recent rows (the gates' window travels in the record)."""
+        _, labels = self.recent.rows()
+        self._keep_recent([i for i, lab in enumerate(labels) if lab != label])
+
+    def drop_recent_rows(self, forgotten: np.ndarray, atol: float = 1e-5) -> None:
+        """Remove recent rows equal (within ``atol``: re-embedded texts) to a row of ``forgotten``."""
+        X, _ = self.recent.rows()
+        if not len(X) or not len(forgotten):
+            return
+        self._keep_recent([i for i, row in enumerate(X)
+                           if not np.any(np.all(np.abs(forgotten - row) <= atol, axis=1))])
+
+    def _keep_recent(self, keep: list[int]) -> None:
         X, labels = self.recent.rows()
-        keep = [i for i, lab in enumerate(labels) if lab != label]
         if len(keep) == len(labels):
             return
         self.recent = RecentRows(self.recent.capacity, X.shape[1])

@@ -25,6 +25,7 @@ from service.core.state import new_state
 from service.kafka.clients import ensure_topics
 from service.kafka.control import ControlPublisher, control_message
 from service.kafka.deltas import DeltaRecord
+from service.models.exporter import Exporter
 from service.models.registry import ModelRegistry
 from service.models.served import ModelSlot
 from service.roles.control import ControlFollower, ControlOptions
@@ -96,8 +97,12 @@ def test_a_forget_is_applied_once_per_partition_and_merges_to_never_seen(tmp_pat
     merger = _merger(tmp_path)
     for part in parts.values():
         assert _publish(part, merger)
-    ids = [topic[0][3][0], topic[1][7][0], topic[2][11][0], "ghost-a", "ghost-b"]
+    # The newest event of another label in each partition: its row is among the recent rows.
+    ids = [next(i for i, label, _, _ in reversed(topic[p]) if label != "c1") for p in topic] + ["ghost-a", "ghost-b"]
     gone = set(ids) | {i for rows in topic.values() for i, label, _, _ in rows if label == "c1"}
+    forgotten_rows = np.stack([x for rows in topic.values() for i, _, x, _ in rows if i in gone])
+    assert all(any(np.all(forgotten_rows == row, axis=1).any() for row, label in zip(*part.recent.rows(), strict=True)
+                   if label != "c1") for part in parts.values())
     follower = _follower(topic)
     request = _control_record(0, {"ids": ids, "label": "c1"})
 
@@ -105,6 +110,9 @@ def test_a_forget_is_applied_once_per_partition_and_merges_to_never_seen(tmp_pat
     assert follower.apply(request, list(parts.values())) == 0  # already applied everywhere: nothing happens
     assert all(part.state.offsets[f"{CONTROL}:0"] == 1 and part.forget_named == len(ids) for part in parts.values())
     assert all("c1" not in part.recent.rows()[1] for part in parts.values())
+    for part in parts.values():  # the published record keeps no row of a forgotten event
+        X, _ = part.recent.rows()
+        assert len(X) and not any(np.all(forgotten_rows == row, axis=1).any() for row in X)
 
     assert _publish(parts[0], merger) and _publish(parts[1], merger)
     merger.merge_now()
@@ -190,3 +198,23 @@ def test_admin_forget_without_a_learner_publishes_to_the_control_topic_once(kafk
     assert [r.getMessage() for r in caplog.records if r.name == "eddy.audit"] == [
         f"forget request published to {control}:0@0 by Admin/Forget: ids=2 label=None"]
     assert [parse_control(m.value) for m in consume(kafka_bootstrap, control, 1)] == [ForgetRequest(("e-1", "e-2"))]
+
+
+def test_the_merger_exports_the_forgotten_label_away(tmp_path: Path) -> None:
+    topic = _topic()
+    parts = {p: _learned(topic, p) for p in topic}
+    slot = ModelSlot()
+    exporter = Exporter(registry=ModelRegistry(tmp_path / "models", keep=3), slot=slot, backbone=None,
+                        backbone_identity="bb", head_kind="ridge", parity_tolerance=1e-4, max_accuracy_drop=0.0)
+    merger = _merger(tmp_path)
+    merger.exporter = exporter
+    for part in parts.values():
+        _publish(part, merger)
+    assert merger.merge_now() == 1
+    assert "c1" in slot.get().classes  # type: ignore[union-attr]
+    follower = _follower(topic)
+    follower.apply(_control_record(0, {"label": "c1"}), list(parts.values()))
+    for part in parts.values():
+        _publish(part, merger)
+    assert merger.merge_now() == 2
+    assert sorted(slot.get().classes) == ["c0", "c2"]  # type: ignore[union-attr]
