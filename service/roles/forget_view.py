@@ -24,13 +24,21 @@ def control_offsets(payload: Mapping[str, Any], control_topic: str) -> dict[str,
     return {k: int(v) for k, v in payload.get("offsets", {}).items() if k.startswith(prefix) and int(v) > 0}
 
 
-def settled_unknown(states: Mapping[int, Mapping[str, Any]], control_topic: str, partitions: int) -> int | None:
-    """Unknown ids over all partitions, or None until all ``partitions`` applied the same requests."""
+def settled_control(states: Mapping[int, Mapping[str, Any]], control_topic: str, partitions: int
+                    ) -> dict[str, int] | None:
+    """The control offsets all ``partitions`` have applied alike, or None while they differ."""
     if not control_topic or partitions <= 0 or len(states) < partitions:
         return None
     views = [(control_offsets(s, control_topic), int(s.get("forget_named", 0))) for s in states.values()]
     if any(view != views[0] for view in views[1:]):
         return None
-    named = views[0][1]
+    return views[0][0]
+
+
+def settled_unknown(states: Mapping[int, Mapping[str, Any]], control_topic: str, partitions: int) -> int | None:
+    """Unknown ids over all partitions, or None until all ``partitions`` applied the same requests."""
+    if settled_control(states, control_topic, partitions) is None:
+        return None
+    named = int(next(iter(states.values())).get("forget_named", 0))
     total = sum(int(s["counters"].get("forget_unknown", 0)) for s in states.values())
     return max(total - (len(states) - 1) * named, 0)

@@ -42,9 +42,10 @@ from service.errors import CheckpointError
 from service.kafka.clients import broker_reachable
 from service.kafka.deltas import DeltaBook, DeltaRecord, assign_all, parse_record
 from service.models.exporter import Exporter
-from service.roles.forget_view import settled_unknown
+from service.roles.forget_view import settled_control, settled_unknown
 
 log = logging.getLogger(__name__)
+audit = logging.getLogger("eddy.audit")
 
 _COUNTERS = ("learned", "duplicates", "dead_lettered", "forgotten", "forget_unknown")
 
@@ -84,6 +85,7 @@ class Merger:
         self._forgotten_served: int | None = None  # forgotten events behind the last applied export
         self.forget_unknown = 0  # settled count of ids no partition knew (forget_view)
         self.source_partitions = 0  # of the source topic, from the broker's metadata (0: unknown)
+        self._settled_control: dict[str, int] = {}  # control offsets every partition has applied
         self._export_cost = 0.0
         self._last_export = self._last_snapshot = self._last_log = 0.0
 
@@ -175,12 +177,19 @@ class Merger:
         """Count, once, the ids that no partition knew, when every partition applied the same requests."""
         if len(self.states) < self.source_partitions:
             self._refresh_partitions()  # a topic may gain partitions
-        unknown = settled_unknown(self.states, self.opt.control_topic, self.source_partitions or len(self.states))
-        if unknown is not None and unknown != self.forget_unknown:
-            metrics.FORGET_UNKNOWN_IDS.inc(max(unknown - self.forget_unknown, 0))
-            if unknown > self.forget_unknown:
-                log.info("forget: %d named ids were found in no partition", unknown - self.forget_unknown)
-            self.forget_unknown = unknown
+        partitions = self.source_partitions or len(self.states)
+        unknown = settled_unknown(self.states, self.opt.control_topic, partitions)
+        if unknown is None:
+            return
+        metrics.FORGET_UNKNOWN_IDS.inc(max(unknown - self.forget_unknown, 0))
+        self.forget_unknown = unknown
+        settled = settled_control(self.states, self.opt.control_topic, partitions)
+        if settled and settled != self._settled_control:
+            # The one audit line per request in scale-out mode (replicas log what each partition removed).
+            self._settled_control = settled
+            audit.info("forget requests up to control offsets %s applied in all %d partitions: %d events "
+                       "forgotten, %d named ids found in none (totals)", settled, partitions,
+                       self.counters()["forgotten"], unknown)
 
     def offsets(self) -> dict[str, int]:
         """``{"topic:partition": next_offset}`` covered by the merged state."""

@@ -91,7 +91,7 @@ def _control_record(offset: int, body: dict) -> Record:
     return Record(CONTROL, 0, offset, json.dumps({"forget": body}).encode())
 
 
-def test_a_forget_is_applied_once_per_partition_and_merges_to_never_seen(tmp_path: Path) -> None:
+def test_a_forget_is_applied_once_per_partition_and_merges_to_never_seen(tmp_path: Path, caplog) -> None:
     topic = _topic()
     parts = {p: _learned(topic, p) for p in topic}
     merger = _merger(tmp_path)
@@ -118,7 +118,12 @@ def test_a_forget_is_applied_once_per_partition_and_merges_to_never_seen(tmp_pat
     merger.merge_now()
     assert merger.counters()["forget_unknown"] == 0  # partition 2 has not applied it yet: not settled
     assert _publish(parts[2], merger)
-    merger.merge_now()
+    with caplog.at_level(logging.INFO, logger="eddy.audit"):
+        merger.merge_now()
+        merger.merge_now()
+    audit = [r.getMessage() for r in caplog.records if r.name == "eddy.audit"]
+    assert audit == [f"forget requests up to control offsets {{'{CONTROL}:0': 1}} applied in all 3 partitions: "
+                     f"{len(gone) - 2} events forgotten, 2 named ids found in none (totals)"]
     assert merger.counters()["forgotten"] == len(gone) - 2
     assert merger.counters()["forget_unknown"] == 2  # the two ghosts, once (each partition missed 4 ids)
 
