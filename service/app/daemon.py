@@ -30,7 +30,7 @@ from service.models.backbone import LazyBackbone
 from service.models.registry import ModelRegistry
 from service.models.served import ModelSlot, RegistryFollower, load_registered
 from service.roles.learn_loop import LearnLoop
-from service.serving.admin import DaemonAdmin
+from service.serving.admin import DaemonAdmin, ForgetPublisher
 from service.serving.grpc.common import Predictor
 from service.serving.grpc.oip_v2 import OipServicer
 from service.serving.grpc.server import start_server, stop_server
@@ -165,7 +165,8 @@ class Daemon:
         server, port = await start_server(
             self.slot, host=sv.host, port=sv.grpc_port, model_name=sv.model_name,
             max_message_bytes=sv.max_message_bytes, max_batch=sv.max_batch, max_text_chars=sv.max_text_chars,
-            admin=DaemonAdmin(self.registry, self.slot, self.backbone, learner=self._admin_learner),
+            admin=DaemonAdmin(self.registry, self.slot, self.backbone, learner=self._admin_learner,
+                              forget_publisher=self._forget_publisher()),
             admin_token=wiring.secret(sv.admin_token), predict_token=wiring.secret(sv.predict_token),
             tls_cert=sv.tls_cert, tls_key=sv.tls_key, coalesce_texts=sv.coalesce_texts, predictor=predictor,
             connections=wiring.connection_limits(sv),
@@ -201,6 +202,12 @@ class Daemon:
         if self.role == "learn" and self.s.kafka.scale_out:
             return wiring.build_replica(self.parts)
         return wiring.build_learn_loop(self.parts, predict=self.predict_served)
+
+    def _forget_publisher(self) -> ForgetPublisher | None:
+        """Scale-out serving replicas queue Admin/Forget on the control topic for the learner replicas."""
+        if self.role == "serve" and self.s.kafka.scale_out:
+            return wiring.build_forget_publisher(self.parts)
+        return None
 
     def _admin_learner(self) -> LearnLoop | None:
         return self.loop if isinstance(self.loop, LearnLoop) else None

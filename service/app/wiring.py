@@ -7,6 +7,8 @@ settings object. Each builder returns the role and the clients it opened, for th
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +25,25 @@ from service.core.restore import restore_state
 from service.core.snapshots import SnapshotStore
 from service.core.state import LearnerState, new_state
 from service.kafka.clients import ClientSecurity, DeadLetterWriter, ensure_topics, make_consumer, make_producer
+from service.kafka.control import ControlPublisher, control_consumer
 from service.kafka.deltas import DeltaRecord, deltas_consumer, ensure_deltas_topic, read_latest
 from service.kafka.refetch import KafkaRefetcher
 from service.models.backbone import LazyBackbone
 from service.models.exporter import Exporter
 from service.models.registry import ModelRegistry
 from service.models.served import ModelSlot
+from service.roles.control import ControlFollower, ControlOptions
 from service.roles.learn_loop import LearnLoop, LoopOptions
 from service.roles.merger import MergeOptions, Merger
-from service.roles.replica import PartitionedLearnLoop, ScaleOutOptions, replica_id
+from service.roles.replica import ForgetHook, PartitionedLearnLoop, ScaleOutOptions, replica_id
 from service.serving.grpc.common import Limits
 from service.serving.grpc.server import ConnectionLimits
 
 log = logging.getLogger("eddy")
+
+# Crash tests only: SIGKILL a scale-out replica at a named point of a forget ("forget_applied":
+# applied, not yet published; "forget_published"). Not a setting: no deployment should carry it.
+KILL_AT_ENV = "EDDY_TESTING_KILL_AT"
 
 Predict = Callable[[np.ndarray], tuple[np.ndarray, Sequence[str]]]
 
@@ -177,13 +185,16 @@ def build_replica(parts: Parts) -> PartitionedLearnLoop:
     """A scale-out learner replica with its consumer, producer, dead-letter writer and state factory."""
     s, k = parts.settings, parts.settings.kafka
     security = client_security(k)
-    ensure_topics(k.bootstrap_servers, {k.topic: 1}, security=security)
+    ensure_topics(k.bootstrap_servers, {k.topic: 1, k.control_topic: 1}, security=security)
     ensure_topics(k.bootstrap_servers, {f"{k.topic}.dlq": 1}, security=security, compacted={f"{k.topic}.dlq"})
     ensure_deltas_topic(k.bootstrap_servers, k.deltas_topic, max_bytes=k.deltas_max_bytes, security=security)
     rid = replica_id()
     consumer = group_consumer(k, security, client_id=f"eddy-learner-{rid}")
     producer = make_producer(k.bootstrap_servers, security=security, max_request_size=k.deltas_max_bytes)
-    parts.closers.extend([consumer, producer])
+    controls = control_consumer(k.bootstrap_servers, security=security, client_id=f"eddy-control-{rid}")
+    refetch = KafkaRefetcher(k.bootstrap_servers, k.topic, security)
+    parts.closers.extend([consumer, producer, controls, refetch])
+    dlq = DeadLetterWriter(producer, f"{k.topic}.dlq")
     params = head_params(s.head)
     identity = parts.backbone.identity
 
@@ -203,8 +214,34 @@ def build_replica(parts: Parts) -> PartitionedLearnLoop:
         log_every_seconds=s.metrics.log_every_seconds, recent_rows=min(s.export.holdout_size, 128), replica_id=rid,
         max_classes=s.head.max_classes,
     )
-    return PartitionedLearnLoop(consumer=consumer, producer=producer, dlq=DeadLetterWriter(producer, f"{k.topic}.dlq"),
-                                restore=restore, new_state=fresh, embed=parts.backbone.embed, options=options)
+    control = ControlFollower(controls, dlq=dlq, refetch=refetch, embed=parts.backbone.embed,
+                              options=ControlOptions(k.control_topic, s.backbone.dim, k.max_event_bytes))
+    return PartitionedLearnLoop(consumer=consumer, producer=producer, dlq=dlq, restore=restore, new_state=fresh,
+                                embed=parts.backbone.embed, options=options, control=control,
+                                forget_hook=fault_hook())
+
+
+def fault_hook() -> ForgetHook | None:
+    """The crash-test hook named by ``EDDY_TESTING_KILL_AT`` (None when unset)."""
+    point = os.environ.get(KILL_AT_ENV, "")
+    if not point:
+        return None
+    log.warning("%s=%s: this replica SIGKILLs itself at that point (crash tests only)", KILL_AT_ENV, point)
+
+    def kill_at(reached: str) -> None:
+        if reached == point:
+            log.warning("reached %s: SIGKILL", reached)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill_at
+
+
+def build_forget_publisher(parts: Parts) -> ControlPublisher:
+    """Publishes ``Admin/Forget`` requests to the control topic (serving replicas in scale-out mode)."""
+    k = parts.settings.kafka
+    publisher = ControlPublisher(k.bootstrap_servers, k.control_topic, security=client_security(k))
+    parts.closers.append(publisher)
+    return publisher
 
 
 def build_merger(parts: Parts) -> Merger:
@@ -221,6 +258,7 @@ def build_merger(parts: Parts) -> Merger:
         backbone_identity=parts.backbone.identity, export_every_seconds=s.export.every_seconds,
         snapshot_every_seconds=s.checkpoint.every_seconds, holdout_size=s.export.holdout_size,
         poll_timeout_ms=k.poll_timeout_ms, log_every_seconds=s.metrics.log_every_seconds,
+        control_topic=k.control_topic,
     )
     store = SnapshotStore(Path(s.checkpoint.dir), keep=s.checkpoint.keep)
     return Merger(consumer=consumer, exporter=build_exporter(parts), store=store, options=options)

@@ -13,6 +13,15 @@ The merged state is also written as a snapshot in ``checkpoint.dir`` (at most ev
 ``checkpoint.every_seconds``, and on shutdown) in the format ``eddy state`` reads, so
 ``eddy state --checkpoint <dir> --export-stats stats.npz`` shows the merged counts and statistics.
 A restarted merger rebuilds everything from the topic; it keeps no other state.
+
+Forget requests are applied by the replicas, per partition (``service.roles.control``); a state
+that lost events or a whole label is published at once and merged like any newer state, so the
+next model drops them (a label forgotten everywhere disappears from the merged classes). The
+quality gate's window leaves out rows of classes the merged head no longer has, and an export that
+carries newly forgotten events skips the quality gate (a forget must be served; parity still
+applies). Ids no partition
+knew are counted once, here (``service.roles.forget_view``), once every partition applied the
+same requests.
 """
 
 from __future__ import annotations
@@ -33,8 +42,10 @@ from service.errors import CheckpointError
 from service.kafka.clients import broker_reachable
 from service.kafka.deltas import DeltaBook, DeltaRecord, assign_all, parse_record
 from service.models.exporter import Exporter
+from service.roles.forget_view import settled_control, settled_unknown
 
 log = logging.getLogger(__name__)
+audit = logging.getLogger("eddy.audit")
 
 _COUNTERS = ("learned", "duplicates", "dead_lettered", "forgotten", "forget_unknown")
 
@@ -53,6 +64,7 @@ class MergeOptions:
     holdout_size: int
     poll_timeout_ms: int
     log_every_seconds: float
+    control_topic: str = ""
 
 
 class Merger:
@@ -69,7 +81,11 @@ class Merger:
         self.model_version = 0
         self.merges = 0
         self._dirty = self._unsnapshotted = False
-        self._learned_reported = 0
+        self._learned_reported = self._forgotten_reported = 0
+        self._forgotten_served: int | None = None  # forgotten events behind the last applied export
+        self.forget_unknown = 0  # settled count of ids no partition knew (forget_view)
+        self.source_partitions = 0  # of the source topic, from the broker's metadata (0: unknown)
+        self._settled_control: dict[str, int] = {}  # control offsets every partition has applied
         self._export_cost = 0.0
         self._last_export = self._last_snapshot = self._last_log = 0.0
 
@@ -77,6 +93,7 @@ class Merger:
     def run(self, stop: threading.Event) -> None:
         """Follow the deltas topic until ``stop`` is set; merge, export and snapshot once more at the end."""
         assign_all(self.consumer, self.opt.deltas_topic)
+        self._refresh_partitions()
         try:
             while not stop.is_set():
                 self.step()
@@ -146,8 +163,33 @@ class Merger:
         return head
 
     def counters(self) -> dict[str, int]:
-        """Counters summed over the kept partition states."""
-        return {name: sum(int(s["counters"].get(name, 0)) for s in self.states.values()) for name in _COUNTERS}
+        """Counters summed over the kept partition states (unknown ids: counted once, ``forget_view``)."""
+        totals = {name: sum(int(s["counters"].get(name, 0)) for s in self.states.values()) for name in _COUNTERS}
+        totals["forget_unknown"] = self.forget_unknown
+        return totals
+
+    def _refresh_partitions(self) -> None:
+        parts = self.consumer.partitions_for_topic(self.opt.source_topic) if self.consumer is not None else None
+        if parts:
+            self.source_partitions = len(parts)
+
+    def _settle_forgets(self) -> None:
+        """Count, once, the ids that no partition knew, when every partition applied the same requests."""
+        if len(self.states) < self.source_partitions:
+            self._refresh_partitions()  # a topic may gain partitions
+        partitions = self.source_partitions or len(self.states)
+        unknown = settled_unknown(self.states, self.opt.control_topic, partitions)
+        if unknown is None:
+            return
+        metrics.FORGET_UNKNOWN_IDS.inc(max(unknown - self.forget_unknown, 0))
+        self.forget_unknown = unknown
+        settled = settled_control(self.states, self.opt.control_topic, partitions)
+        if settled and settled != self._settled_control:
+            # The one audit line per request in scale-out mode (replicas log what each partition removed).
+            self._settled_control = settled
+            audit.info("forget requests up to control offsets %s applied in all %d partitions: %d events "
+                       "forgotten, %d named ids found in none (totals)", settled, partitions,
+                       self.counters()["forgotten"], unknown)
 
     def offsets(self) -> dict[str, int]:
         """``{"topic:partition": next_offset}`` covered by the merged state."""
@@ -159,34 +201,50 @@ class Merger:
         self._unsnapshotted = True
         self._last_export = time.monotonic()
         self.merges += 1
-        learned = self.counters()["learned"]
-        metrics.EVENTS.labels(result="learned").inc(max(learned - self._learned_reported, 0))
-        self._learned_reported = max(learned, self._learned_reported)
+        self._settle_forgets()
+        counters = self.counters()
+        metrics.EVENTS.labels(result="learned").inc(max(counters["learned"] - self._learned_reported, 0))
+        self._learned_reported = max(counters["learned"], self._learned_reported)
+        metrics.EVENTS.labels(result="forgotten").inc(max(counters["forgotten"] - self._forgotten_reported, 0))
+        self._forgotten_reported = max(counters["forgotten"], self._forgotten_reported)
         head = self.merged_head()
         metrics.CLASSES.set(len(head.classes_))
         if self.exporter is None:
             return None
-        X, labels = self._recent_rows()
-        result = self.exporter.export(head, probe=X[-64:], window=(X, labels), offsets=self.offsets())
+        X, labels = self._recent_rows(set(head.classes_))
+        window = (X, labels)
+        if self._forgotten_served is not None and counters["forgotten"] > self._forgotten_served:
+            # A forget must reach the served model: no accuracy comparison stops it (parity still does).
+            window = (X[:0], [])
+            log.info("merged state forgot %d events since the last export: quality gate skipped",
+                     counters["forgotten"] - self._forgotten_served)
+        result = self.exporter.export(head, probe=X[-64:], window=window, offsets=self.offsets())
         self._export_cost = result.seconds
         if result.applied and result.version is not None:
             self.model_version = result.version
+            self._forgotten_served = counters["forgotten"]
             return result.version
         return None
 
-    def _recent_rows(self) -> tuple[np.ndarray, list[str]]:
-        """Recent rows carried by the partition states: the gates' probe and window."""
-        blocks, labels = [], []
+    def _recent_rows(self, classes: set[str]) -> tuple[np.ndarray, list[str]]:
+        """Recent rows carried by the partition states, of ``classes`` only: the gates' probe and window.
+
+        Rows of a class the merged head no longer has (a forgotten label) would count against the
+        candidate that rightly cannot predict it.
+        """
+        blocks: list[np.ndarray] = []
+        labels: list[str] = []
         for p in sorted(self.states):
             rows = self.states[p].get("recent") or {}
-            if len(rows.get("labels", [])):
-                blocks.append(np.asarray(rows["X"], np.float32))
-                labels.extend(rows["labels"])
+            keep = [i for i, label in enumerate(rows.get("labels", [])) if label in classes]
+            if keep:
+                blocks.append(np.asarray(rows["X"], np.float32)[keep])
+                labels.extend(rows["labels"][i] for i in keep)
         if not blocks:
             return np.zeros((0, 0), np.float32), []
         X = np.concatenate(blocks)
-        keep = slice(max(len(X) - self.opt.holdout_size, 0), None)
-        return X[keep], labels[keep]
+        newest = slice(max(len(X) - self.opt.holdout_size, 0), None)
+        return X[newest], labels[newest]
 
     # -- snapshot ----------------------------------------------------------------------------
     def snapshot(self) -> None:

@@ -14,9 +14,14 @@ none). A SIGKILLed replica therefore loses nothing: its partitions move, with th
 survivors, which replay only the events after the last published state; the merger
 (``service.roles.merger``) sums exactly one state per partition, so nothing is counted twice.
 
-Limits of this mode: no replay memory (per-partition memories would not merge into one index), no
-forget requests (the control topic is not consumed), and duplicate ids are only detected within a
-partition (producers should key events by id so that retries land in the same partition).
+Forget requests: every replica follows the whole control topic and applies each request to the
+partitions it owns (``service.roles.control``); the control offset a partition state has applied is
+part of its published record, so a request is applied exactly once per partition across crashes
+and rebalances, and a forget is published at once (like a new class).
+
+Limits of this mode: no replay memory (per-partition memories would not merge into one index), and
+duplicate ids are only detected within a partition (producers should key events by id so that
+retries land in the same partition).
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -44,11 +48,18 @@ from service.core.state import LearnerState
 from service.errors import BackboneUnavailable, BrokerError
 from service.kafka.clients import DeadLetterWriter, RebalanceCallbacks, broker_reachable, subscribe
 from service.kafka.deltas import DeltaRecord, delta_headers, summarize
+from service.roles.control import ControlFollower
+from service.roles.partitions import PartitionState
 from service.roles.progress import Interval, consumer_lag
 
 log = logging.getLogger(__name__)
 
 Restore = Callable[[Collection[str]], dict[str, DeltaRecord]]
+# Called with "forget_applied" (a forget is applied, not yet published) and "forget_published";
+# crash tests SIGKILL the replica there (service.app.wiring.fault_hook).
+ForgetHook = Callable[[str], None]
+
+__all__ = ["PartitionState", "PartitionedLearnLoop", "ScaleOutOptions", "replica_id"]
 
 
 @dataclass(frozen=True)
@@ -69,35 +80,17 @@ class ScaleOutOptions:
     max_classes: int | None = None  # per partition state: new labels past it are dead-lettered
 
 
-class PartitionState:
-    """The state of one source partition, as owned (or last owned) by this replica."""
-
-    def __init__(self, partition: int, state: LearnerState, recent: RecentRows, seq: int = 0) -> None:
-        self.partition = partition
-        self.state = state
-        self.recent = recent
-        self.seq = seq  # of the last record published for this partition, by anyone
-        self.changed = False
-
-    def next_offset(self, topic: str) -> int | None:
-        """The offset of the next event of this partition to learn (None: nothing handled yet)."""
-        return self.state.offsets.get(tp_key(topic, self.partition))
-
-    def payload(self, topic: str, replica_id: str) -> dict[str, Any]:
-        """The record value (before ``pack``): the whole cumulative state plus provenance."""
-        X, labels = self.recent.rows()
-        return {**self.state.state_dict(), "partition": self.partition,
-                "next_offset": self.next_offset(topic) or 0, "seq": self.seq, "replica": replica_id,
-                "published_at": time.time(), "recent": {"X": X, "labels": labels}}
-
-
 class PartitionedLearnLoop:
     """Owns the consumer and one state per assigned partition; ``run`` until ``stop`` is set."""
 
     def __init__(self, *, consumer: KafkaConsumer, producer: KafkaProducer, dlq: DeadLetterWriter,
                  restore: Restore, new_state: Callable[[], LearnerState], embed: Embed | None,
-                 options: ScaleOutOptions) -> None:
+                 options: ScaleOutOptions, control: ControlFollower | None = None,
+                 forget_hook: ForgetHook | None = None) -> None:
         self.consumer = consumer
+        self.control = control
+        self.forget_hook = forget_hook
+        self._forget_unpublished = False
         self.producer = producer
         self.dlq = dlq
         self.restore = restore
@@ -118,6 +111,8 @@ class PartitionedLearnLoop:
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, then publish what changed and return."""
         subscribe(self.consumer, [self.opt.topic], listener=RebalanceCallbacks(self.revoke, self.assigned))
+        if self.control is not None:
+            self.control.start()
         while not stop.is_set():
             try:
                 self.step()
@@ -138,6 +133,8 @@ class PartitionedLearnLoop:
             self._learn(self.parts[tp.partition], records)
         if self._pending:  # after learning: records fetched for them before the seek are dropped
             self.take_over()
+        if self.control is not None:
+            self._follow_control(self.control)
         self._maybe_publish()
         self._maybe_log()
 
@@ -152,6 +149,14 @@ class PartitionedLearnLoop:
         self._publish_soon = self._publish_soon or bool(out.new_classes)
         self._since_publish += len(records)
         self._log_learned += out.learned
+
+    def _follow_control(self, control: ControlFollower) -> None:
+        if control.step([self.parts[p] for p in sorted(self.owned)]):
+            self._publish_soon = True  # a forget must reach the merged model at once
+            self._since_publish += 1
+            self._forget_unpublished = True
+            if self.forget_hook is not None:
+                self.forget_hook("forget_applied")
 
     # -- publishing --------------------------------------------------------------------------
     def _maybe_publish(self) -> None:
@@ -199,6 +204,10 @@ class PartitionedLearnLoop:
         log.debug("published %d partition states (%s) in %.3f s", len(sent), why, seconds)
         if commit:
             self._commit({TopicPartition(self.opt.topic, part.partition): nxt for part, nxt, _ in sent})
+        if self._forget_unpublished:
+            self._forget_unpublished = False
+            if self.forget_hook is not None:
+                self.forget_hook("forget_published")
         return len(sent)
 
     def _commit(self, offsets: dict[TopicPartition, int]) -> None:
@@ -252,6 +261,8 @@ class PartitionedLearnLoop:
             del self.parts[p]  # parked states of partitions now owned elsewhere would go stale
         if tps:
             self.consumer.resume(*tps)
+        if self.control is not None:  # restored states apply the forgets after their control offsets
+            self.control.rewind([self.parts[p] for p in sorted(self.owned)])
         restored = {tp: self.parts[tp.partition].next_offset(self.opt.topic) for tp in tps}
         self._commit({tp: nxt for tp, nxt in restored.items() if nxt is not None})  # states already acked
 
@@ -279,7 +290,8 @@ class PartitionedLearnLoop:
             recent.extend(np.asarray(rows["X"], np.float32), list(rows["labels"]))
         log.info("partition %d restored at offset %d (%d events learned, seq %d, from %s)", partition,
                  record.next_offset, state.counters.learned, record.seq, payload.get("replica"))
-        return PartitionState(partition, state, recent, seq=record.seq)
+        return PartitionState(partition, state, recent, seq=record.seq,
+                              forget_named=int(payload.get("forget_named", 0)))
 
     # -- observability -----------------------------------------------------------------------
     def _maybe_log(self) -> None:

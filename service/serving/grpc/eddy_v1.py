@@ -39,7 +39,9 @@ class AdminHandler(Protocol):
     async def forget(self, ids: list[str], label: str | None) -> dict[str, Any]:
         """Forget events by id, or a whole label.
 
-        Returns ``{"forgotten": int, "unknown": int, "memory_removed": int, "partial": bool}``.
+        Returns ``{"forgotten": int, "unknown": int, "memory_removed": int, "partial": bool}``, plus
+        ``"published": "topic:partition@offset"`` where the request was only queued on the control
+        topic (scale-out mode; sent back as trailing metadata ``eddy-forget-published``).
         """
 
 
@@ -214,6 +216,8 @@ class AdminServicer(pb_grpc.AdminServicer):
             raise invalid(f"at most {MAX_IDS_PER_REQUEST} ids per forget request, got {len(request.ids)}")
         with _refusals():
             result = await self._handler(context).forget(list(request.ids), label)
+        if "published" in result:  # scale-out: queued on the control topic, not yet applied
+            context.set_trailing_metadata((("eddy-forget-published", str(result["published"])),))
         return pb.ForgetResponse(forgotten=int(result.get("forgotten", 0)),
                                  unknown=int(result.get("unknown", 0)),
                                  memory_removed=int(result.get("memory_removed", 0)),
