@@ -131,6 +131,7 @@ class Daemon:
             admin=DaemonAdmin(self.registry, self.slot, self.backbone, learner=self._admin_learner),
             admin_token=wiring.secret(sv.admin_token), predict_token=wiring.secret(sv.predict_token),
             tls_cert=sv.tls_cert, tls_key=sv.tls_key, coalesce_texts=sv.coalesce_texts,
+            unknown=wiring.unknown_policy(self.s), review=wiring.build_review_queue(self.parts),
         )
         log.info("gRPC on %s:%d (eddy.v1, inference.GRPCInferenceService, health, reflection)", sv.host, port)
         return server
@@ -162,7 +163,7 @@ class Daemon:
             return wiring.build_merger(self.parts)
         if self.role == "learn" and self.s.kafka.scale_out:
             return wiring.build_replica(self.parts)
-        return wiring.build_learn_loop(self.parts, predict=self.predict_served)
+        return wiring.build_learn_loop(self.parts, predict=self.predict_served, reject=self.reject_served)
 
     def _admin_learner(self) -> LearnLoop | None:
         return self.loop if isinstance(self.loop, LearnLoop) else None
@@ -173,6 +174,13 @@ class Daemon:
         if model is None:
             return np.zeros((len(X), 0), np.float32), []
         return model.predict_features(X), model.classes
+
+    def reject_served(self, X: np.ndarray) -> tuple[np.ndarray, Sequence[str]] | None:
+        """Which rows the served model answers unknown, and its classes (None before the first model)."""
+        model = self.slot.get()
+        if model is None:
+            return None
+        return model.rejects(model.predict_scored(X)[1]), model.classes
 
     # -- health --------------------------------------------------------------------------------
     def health(self) -> HealthReport:

@@ -33,6 +33,7 @@ from service.errors import CheckpointError
 from service.kafka.clients import broker_reachable
 from service.kafka.deltas import DeltaBook, DeltaRecord, assign_all, parse_record
 from service.models.exporter import Exporter
+from service.roles.exports import unknown_threshold
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class MergeOptions:
     holdout_size: int
     poll_timeout_ms: int
     log_every_seconds: float
+    reject_rate: float | None = None  # serving.unknown.reject_rate: threshold on the recent rows, leave-one-out
 
 
 class Merger:
@@ -167,7 +169,10 @@ class Merger:
         if self.exporter is None:
             return None
         X, labels = self._recent_rows()
-        result = self.exporter.export(head, probe=X[-64:], window=(X, labels), offsets=self.offsets())
+        rate = self.opt.reject_rate
+        unknown = unknown_threshold(head, X, labels, rate) if rate is not None and len(labels) else None
+        result = self.exporter.export(head, probe=X[-64:], window=(X, labels), offsets=self.offsets(),
+                                      unknown=unknown)
         self._export_cost = result.seconds
         if result.applied and result.version is not None:
             self.model_version = result.version

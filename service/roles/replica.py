@@ -66,6 +66,7 @@ class ScaleOutOptions:
     log_every_seconds: float
     recent_rows: int
     replica_id: str
+    unknown_label: str | None = None  # events with this label are never learned
 
 
 class PartitionState:
@@ -143,7 +144,7 @@ class PartitionedLearnLoop:
     def _learn(self, part: PartitionState, records: list[Record]) -> None:
         start = time.perf_counter()
         out = learn_batch(part.state, records, embed=self.embed, dim=self.opt.dim,
-                          max_event_bytes=self.opt.max_event_bytes)
+                          max_event_bytes=self.opt.max_event_bytes, unknown_label=self.opt.unknown_label)
         report(out, self.dlq, time.perf_counter() - start)
         if out.X is not None and out.learned:
             part.recent.extend(out.X, out.labels)

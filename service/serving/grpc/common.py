@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import numpy as np
@@ -54,6 +54,14 @@ class Limits:
     max_text_chars: int
 
 
+class Scored(NamedTuple):
+    """Probabilities ``(n, k)`` and unknown scores ``(n,)`` of a batch, and the feature rows scored."""
+
+    probs: np.ndarray
+    score: np.ndarray
+    X: np.ndarray
+
+
 @dataclass
 class Timing:
     """Filled in by a handler so ``rpc`` can record prediction latency by input kind."""
@@ -84,20 +92,28 @@ class Predictor:
         return model
 
     async def features(self, model: ServedModel, X: np.ndarray) -> np.ndarray:
-        """Probabilities for ``(n, d)`` rows, scored inline or in the default executor."""
+        """Probabilities for ``(n, d)`` rows (``scored_features`` without the scores)."""
+        return (await self.scored_features(model, X)).probs
+
+    async def texts(self, model: ServedModel, texts: Sequence[str]) -> np.ndarray:
+        """Probabilities for texts (``scored_texts`` without the scores)."""
+        return (await self.scored_texts(model, texts)).probs
+
+    async def scored_features(self, model: ServedModel, X: np.ndarray) -> Scored:
+        """Probabilities and unknown scores for ``(n, d)`` rows, scored inline or in the default executor."""
         self._check_batch(len(X))
         if X.ndim != 2 or X.shape[1] != model.n_features:
             width = X.shape[1] if X.ndim == 2 else X.size
             raise invalid(f"got {width} features, expected {model.n_features}")
         try:
             if self.features_inline:
-                return model.predict_features(X)
-            return await asyncio.get_running_loop().run_in_executor(None, model.predict_features, X)
+                return Scored(*model.predict_scored(X), X)
+            return Scored(*await asyncio.get_running_loop().run_in_executor(None, model.predict_scored, X), X)
         except ValueError as exc:
             raise invalid(str(exc)) from None
 
-    async def texts(self, model: ServedModel, texts: Sequence[str]) -> np.ndarray:
-        """Probabilities for texts, embedded off the event loop.
+    async def scored_texts(self, model: ServedModel, texts: Sequence[str]) -> Scored:
+        """Probabilities and unknown scores for texts, embedded off the event loop.
 
         Concurrent text requests share encoder calls (``service/serving/grpc/coalesce.py``) unless
         ``coalesce_texts`` is off.
@@ -114,11 +130,12 @@ class Predictor:
         loop = asyncio.get_running_loop()
         try:
             if self.coalescer is None:
-                return await loop.run_in_executor(None, model.predict_texts, list(texts))
-            X = await self.coalescer.embed(model.backbone, texts)
+                X = await loop.run_in_executor(None, model.backbone.embed, list(texts))
+            else:
+                X = await self.coalescer.embed(model.backbone, texts)
             if self.features_inline:
-                return model.predict_features(X)
-            return await loop.run_in_executor(None, model.predict_features, X)
+                return Scored(*model.predict_scored(X), X)
+            return Scored(*await loop.run_in_executor(None, model.predict_scored, X), X)
         except BackboneUnavailable as exc:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         except (ValueError, ModelError) as exc:

@@ -30,6 +30,8 @@ from service.serving.grpc.eddy_v1 import AdminHandler, AdminServicer, InferenceS
 from service.serving.grpc.gen.eddy.v1 import inference_pb2 as eddy_pb
 from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as eddy_grpc
 from service.serving.grpc.oip_v2 import OipServicer
+from service.serving.review import ReviewQueue
+from service.serving.unknown import Rejection, UnknownPolicy
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,12 @@ _STOPPERS: weakref.WeakKeyDictionary[grpc.aio.Server, Callable[[], Awaitable[Non
 async def start_server(slot: ModelSlot, *, host: str, port: int, model_name: str, max_message_bytes: int,
                        max_batch: int, max_text_chars: int, admin: AdminHandler | None,
                        admin_token: str | None, predict_token: str | None, tls_cert: Path | None,
-                       tls_key: Path | None, coalesce_texts: bool = True) -> tuple[grpc.aio.Server, int]:
+                       tls_key: Path | None, coalesce_texts: bool = True, unknown: UnknownPolicy | None = None,
+                       review: ReviewQueue | None = None) -> tuple[grpc.aio.Server, int]:
     """Start serving ``slot`` on ``host:port`` (0 picks a free port); return the server and bound port.
+
+    ``unknown`` (default: on, ``"<unknown>"``) says how out-of-scope answers look; ``review`` gets
+    the rejected and low-margin predictions of both APIs (the caller owns and closes it).
 
     TLS is used iff both ``tls_cert`` and ``tls_key`` are given (PEM files). Raises ``ConfigError``
     if the port cannot be bound or only one of the TLS files is given.
@@ -66,9 +72,10 @@ async def start_server(slot: ModelSlot, *, host: str, port: int, model_name: str
     server = grpc.aio.server(options=options, interceptors=interceptors)
     predictor = Predictor(slot, Limits(max_batch=max_batch, max_text_chars=max_text_chars),
                           coalesce_texts=coalesce_texts)
-    eddy_grpc.add_InferenceServicer_to_server(InferenceServicer(predictor, model_name), server)
+    rejection = Rejection(unknown or UnknownPolicy(), review)
+    eddy_grpc.add_InferenceServicer_to_server(InferenceServicer(predictor, model_name, rejection), server)
     eddy_grpc.add_AdminServicer_to_server(AdminServicer(admin), server)
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(predictor, model_name), server)
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(predictor, model_name, rejection), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICE_NAMES, server)
