@@ -16,12 +16,14 @@ Reported per score (``msp`` is what eddy serves; the others are for comparison):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import scipy.stats
 
 from learner.calibration import class_indices
+from learner.datasets import read_labeled
 from learner.heads.base import Head
 from learner.heldout import fit_heldout_temperature, heldout_scores
 from learner.unknown import (
@@ -131,3 +133,41 @@ def _heldout_mahalanobis(X: np.ndarray, y: list[str], classes: list[str], means:
     n = counts[idx]
     d2[np.arange(len(X)), idx] *= np.where(n > 1, (n / np.maximum(n - 1, 1)) ** 2, np.inf)
     return -d2.min(axis=1)
+
+
+def run_ood_eval(train: Path, test: Path | None, ood_test: Path, *, text_col: str = "text", label_col: str = "label",
+                 head_kind: str = "ridge", head_params: dict[str, Any] | None = None, reject_rate: float = 0.02,
+                 scores: Sequence[str] = ("msp",), seed: int = 0, backbone: str = "all-MiniLM-L6-v2",
+                 runtime: Literal["onnx", "torch"] = "onnx", max_tokens: int = 128, embed_batch_size: int = 64,
+                 threads: int = 0, cache_dir: Path = Path(".eddy/cache"), progress: bool = True) -> dict[str, Any]:
+    """``evaluate_ood`` on files: ``train`` is learned, ``test`` in scope (default: 20% of ``train``), ``ood_test`` not.
+
+    ``ood_test``'s label column, if any, is ignored. Texts are embedded (and cached) as ``run_eval`` does.
+    """
+    from learner.evaluate import _features, split_indices  # the same embedding path and split as run_eval
+    from learner.heads import make_head
+
+    train_data = read_labeled(train, text_col=text_col, label_col=label_col)
+    test_data = None if test is None else read_labeled(test, text_col=text_col, label_col=label_col)
+    try:
+        ood_data = read_labeled(ood_test, text_col=text_col, label_col=label_col)
+    except ValueError as exc:
+        if f"no column {label_col!r}" not in str(exc):
+            raise
+        ood_data = read_labeled(ood_test, text_col=text_col, label_col=text_col)  # no labels: any column will do
+    if (train_data.texts is None) != (ood_data.texts is None):
+        raise ValueError(f"{train} and {ood_test} must both hold texts or both hold features")
+    kw: dict[str, Any] = dict(backbone=backbone, runtime=runtime, max_tokens=max_tokens, batch_size=embed_batch_size,
+                              threads=threads, cache_dir=cache_dir, progress=progress)
+    identity, X_all, labels = _features(train_data, test_data, **kw)
+    _, X_ood, _ = _features(ood_data, None, **kw)
+    y_all = np.asarray(labels, dtype=object)
+    if test is None:
+        tr, te = split_indices(y_all, 0.2, seed)
+    else:
+        tr, te = np.arange(len(train_data)), np.arange(len(train_data), len(y_all))
+    result = evaluate_ood(make_head(head_kind, **dict(head_params or {})), X_all[tr], y_all[tr].tolist(), X_all[te],
+                          y_all[te].tolist(), X_ood, reject_rate=reject_rate, scores=scores, seed=seed)
+    result.update(head=head_kind, backbone_identity=identity, train=str(train), ood_test=str(ood_test),
+                  n_train=len(tr), n_test=len(te), n_ood=len(X_ood))
+    return result
