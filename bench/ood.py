@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reject-rate", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="far protocol only")
+    parser.add_argument("--replot", action="store_true", help="redraw ood.png from ood.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        doc = json.loads((RESULTS / "ood.json").read_text())
+        plot(doc["runs"], RESULTS / "ood.png")
+        return dict(doc)
     far = far_split()
     backbone = load_backbone(cache_dir=CACHE)
     X = embed_cached(far.train_texts + far.test_texts, backbone, CACHE, "max_tokens=128", progress=True)
@@ -99,10 +104,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
     """MSP histograms of in-scope test rows and out-of-scope rows, with eddy's threshold, per run."""
-    from bench.plots import figure, save
+    import matplotlib
 
-    fig, axes = figure(len(runs), width=3.6, height=3.0)
-    for ax, run in zip(axes, runs, strict=True):
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.plots import save
+
+    protocols = list(dict.fromkeys(r["protocol"] for r in runs))
+    heads = list(dict.fromkeys(r["head"] for r in runs))
+    fig, grid = plt.subplots(len(protocols), len(heads), figsize=(3.6 * len(heads), 2.9 * len(protocols)),
+                             squeeze=False)
+    for run in runs:
+        ax = grid[protocols.index(run["protocol"])][heads.index(run["head"])]
         m = run["scores"]["msp"]
         hist = m["hist"]
         edges = np.asarray(hist["edges"])
@@ -114,10 +128,11 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
             ax.axvline(m["threshold"], color="black", linestyle="--", linewidth=1)
         ax.set_title(f"{run['protocol']} / {run['head']}\nAUROC {m['ood_auroc']:.3f}, recall "
                      f"{m['ood_recall']:.2f}, in-rej {m['in_scope_reject_rate']:.3f}", fontsize=8)
-        ax.set_xlabel("tempered max probability", fontsize=8)
+        ax.set_xlabel("tempered max probability (dashed: eddy's threshold)", fontsize=7)
         ax.tick_params(labelsize=7)
-    axes[0].set_ylabel("share of rows", fontsize=8)
-    axes[0].legend(fontsize=7)
+    for row in grid:
+        row[0].set_ylabel("share of rows", fontsize=8)
+    grid[0][0].legend(fontsize=7)
     save(fig, path)
 
 

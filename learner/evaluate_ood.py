@@ -149,12 +149,7 @@ def run_ood_eval(train: Path, test: Path | None, ood_test: Path, *, text_col: st
 
     train_data = read_labeled(train, text_col=text_col, label_col=label_col)
     test_data = None if test is None else read_labeled(test, text_col=text_col, label_col=label_col)
-    try:
-        ood_data = read_labeled(ood_test, text_col=text_col, label_col=label_col)
-    except ValueError as exc:
-        if f"no column {label_col!r}" not in str(exc):
-            raise
-        ood_data = read_labeled(ood_test, text_col=text_col, label_col=text_col)  # no labels: any column will do
+    ood_data = read_labeled(ood_test, text_col=text_col, label_col=None)  # labels, if any, are ignored
     if (train_data.texts is None) != (ood_data.texts is None):
         raise ValueError(f"{train} and {ood_test} must both hold texts or both hold features")
     kw: dict[str, Any] = dict(backbone=backbone, runtime=runtime, max_tokens=max_tokens, batch_size=embed_batch_size,
