@@ -62,8 +62,8 @@ def heldout_msp(head: Head, X: np.ndarray, labels: Sequence[str]) -> np.ndarray:
     """MSP scores ``(m,)`` of learned rows as if each had not been learned (leave-one-out).
 
     Uses the head's current temperature; rows whose label the head does not know are dropped.
-    Exact for ridge and ncm; slda gets its raw scores (optimistic: its threshold is lower, so it
-    rejects less than asked); see ``learner.heldout``.
+    Exact for ridge and ncm; for slda the own class mean is left out (its shared covariance is not
+    re-estimated: ``1/N`` of it); see ``learner.heldout``.
     """
     scores, idx = heldout_scores(head, X, labels)
     if not len(idx):

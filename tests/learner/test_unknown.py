@@ -79,3 +79,25 @@ def test_evaluate_ood_rejects_far_rows_and_keeps_in_scope_ones(kind: str) -> Non
         assert m["in_scope_accuracy_with_rejection"] <= out["in_scope_accuracy"]
     with pytest.raises(ValueError, match="unknown --ood-score"):
         evaluate_ood(make_head(kind, **params), X, y.tolist(), X, y.tolist(), ood, scores=("odin",))
+
+
+def test_slda_leave_one_out_scores_use_the_class_mean_without_the_row() -> None:
+    from learner.heldout import heldout_scores
+
+    rng = np.random.default_rng(4)
+    X = np.concatenate([rng.normal(loc=2 * np.eye(5)[i], size=(20, 5)) for i in range(3)])
+    y = [f"c{i}" for i in range(3) for _ in range(20)]
+    head = make_head("slda", shrinkage=0.1)
+    head.learn_many(X, y)
+    held, idx = heldout_scores(head, X, y)
+    readout = head.readout()
+    A = 0.9 * head.covariance() + 0.1 * np.eye(5)  # type: ignore[attr-defined]
+    P = np.linalg.inv(A)
+    for i in (0, 25, 59):
+        c = readout.classes.index(y[i])
+        keep = [j for j in range(len(y)) if j != i and y[j] == y[i]]
+        mu = X[keep].mean(axis=0)
+        want = X[i] @ P @ mu - 0.5 * mu @ P @ mu
+        assert held[i, c] == pytest.approx(want, rel=1e-6, abs=1e-6)
+        others = [j for j in range(3) if j != c]
+        np.testing.assert_allclose(held[i, others], readout.scores(X[i:i + 1])[0, others], rtol=1e-5)
