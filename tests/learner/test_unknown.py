@@ -89,7 +89,7 @@ def test_slda_leave_one_out_scores_use_the_class_mean_without_the_row() -> None:
     y = [f"c{i}" for i in range(3) for _ in range(20)]
     head = make_head("slda", shrinkage=0.1)
     head.learn_many(X, y)
-    held, idx = heldout_scores(head, X, y)
+    held, _ = heldout_scores(head, X, y)
     readout = head.readout()
     A = 0.9 * head.covariance() + 0.1 * np.eye(5)  # type: ignore[attr-defined]
     P = np.linalg.inv(A)
