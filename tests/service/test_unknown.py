@@ -22,7 +22,7 @@ from service.core.recent_rows import RecentRows
 from service.core.state import new_state
 from service.models.exporter import Exporter
 from service.models.registry import ModelRegistry
-from service.models.served import ModelSlot
+from service.models.served import ModelSlot, load_registered
 from service.roles.exports import ExportPolicy, ExportScheduler
 from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
 from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
@@ -55,7 +55,8 @@ def test_export_stores_the_conformal_threshold_and_refreshes_it_as_the_stream_mo
     state = new_state("ridge", {"lam": "gcv", "expansion_width": 32, "temperature": "auto"},
                       ReplayMemory(D, max_items=5000, use_gpu="never"), window=5000, backbone_identity="bb")
     slot = ModelSlot()
-    exporter = Exporter(registry=ModelRegistry(tmp_path / "models", keep=5), slot=slot, backbone=None,
+    registry = ModelRegistry(tmp_path / "models", keep=5)
+    exporter = Exporter(registry=registry, slot=slot, backbone=None,
                         backbone_identity="bb", head_kind="ridge", parity_tolerance=1e-4, max_accuracy_drop=1.0)
     exports = ExportScheduler(exporter, ExportPolicy(every_events=1, every_seconds=0.0, gcv_every_seconds=0.0,
                                                      reject_rate=0.05))
@@ -80,6 +81,9 @@ def test_export_stores_the_conformal_threshold_and_refreshes_it_as_the_stream_mo
         assert second.unknown_threshold != pytest.approx(first.unknown_threshold, abs=1e-6)
         assert second.unknown_threshold == pytest.approx(
             conformal_threshold(heldout_msp(state.head, np.concatenate([X, X2]), labels + labels2), 0.05), abs=1e-6)
+        # A serving-only process loads the same threshold from the registry (it is in the ONNX metadata).
+        follower = load_registered(registry, 2, None)
+        assert follower.unknown_threshold == second.unknown_threshold
     finally:
         exports.close(state)
 
