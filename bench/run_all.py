@@ -52,6 +52,7 @@ MODULES = (
     Module("accuracy", (), ("--quick",), 300),
     Module("throughput", (), ("--quick",), 300),
     Module("serving", (), ("--quick",), 300),
+    Module("ood", (), ("--quick",), 300),
 )
 
 

@@ -3,7 +3,7 @@
 Each ``check_*(make, dim)`` builds fresh heads with ``make()``, feeds them small deterministic
 data of dimension ``dim`` (``dim >= 2``) and raises ``AssertionError`` naming what broke.
 ``ALL_CHECKS`` lists them; ``tests/learner/test_heads_contract.py`` runs every head kind x every
-check. Pure numpy, no I/O.
+check. Pure numpy (and onnxruntime in memory for the export check), no I/O.
 """
 
 from __future__ import annotations
@@ -187,6 +187,30 @@ def check_chunking_equals_batch(make: MakeHead, dim: int) -> None:
     _assert_same_statistics(_statistics(chunked), _statistics(whole))
 
 
+def check_unknown_score_parity(make: MakeHead, dim: int) -> None:
+    """The exported ONNX graph's ``unknown_score`` is the head's own MSP (to 1e-5), and held-out MSPs are valid.
+
+    Runs the graph in onnxruntime from bytes (no file): the served model and the learner must
+    agree on which inputs are rejected as unknown, not just on the probabilities.
+    """
+    from learner.export import INPUT_NAME, OUTPUT_NAME, UNKNOWN_SCORE_NAME, load_session, readout_to_onnx
+    from learner.unknown import heldout_msp, max_probability
+
+    head = make()
+    X, y = sample(dim)
+    head.learn_many(X[:45], y[:45])
+    session, _ = load_session(readout_to_onnx(head.readout(), metadata={}).SerializeToString())
+    probe = np.concatenate([X[45:], 10 * np.random.default_rng(2).normal(size=(5, dim))]).astype(np.float32)
+    probs, score = session.run([OUTPUT_NAME, UNKNOWN_SCORE_NAME], {INPUT_NAME: probe})
+    P, _ = head.predict_proba_many(probe)
+    np.testing.assert_allclose(score, max_probability(P), rtol=0, atol=1e-5, err_msg="ONNX unknown_score != head MSP")
+    np.testing.assert_allclose(score, probs.max(axis=1), rtol=0, atol=1e-7)
+    held = heldout_msp(head, X[:45], y[:45])
+    assert held.shape == (45,), f"held-out scores have shape {held.shape}, expected (45,)"
+    k = len(head.classes_)
+    assert ((held >= 1.0 / k - 1e-9) & (held <= 1.0 + 1e-9)).all(), "held-out MSP outside [1/k, 1]"
+
+
 def _statistics(head: Head) -> dict[str, np.ndarray]:
     stats = getattr(head, "statistics", None)
     assert callable(stats), f"{type(head).__name__} has no statistics()"
@@ -214,4 +238,5 @@ ALL_CHECKS: list[Callable[[MakeHead, int], None]] = [
     check_forget_class,
     check_predict_matches_readout,
     check_chunking_equals_batch,
+    check_unknown_score_parity,
 ]

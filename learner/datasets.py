@@ -33,8 +33,11 @@ class LabeledData:
         return len(self.labels)
 
 
-def read_labeled(path: Path | str, *, text_col: str = "text", label_col: str = "label") -> LabeledData:
+def read_labeled(path: Path | str, *, text_col: str = "text", label_col: str | None = "label") -> LabeledData:
     """Read ``path`` (CSV or JSONL by suffix) into a ``LabeledData``.
+
+    ``label_col=None`` reads unlabelled rows (out-of-scope test files): every label is ``UNLABELLED``
+    and a label column, if present, is ignored.
 
     Raises ``ValueError`` naming the file, the line and what was found for: a missing column
     (listing the columns found), an empty label, a missing text, a features row of the wrong
@@ -50,22 +53,25 @@ def read_labeled(path: Path | str, *, text_col: str = "text", label_col: str = "
     return data
 
 
-def _read_csv(path: Path, text_col: str, label_col: str) -> LabeledData:
+UNLABELLED = "-"
+
+
+def _read_csv(path: Path, text_col: str, label_col: str | None) -> LabeledData:
     texts: list[str] = []
     labels: list[str] = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         found = list(reader.fieldnames or [])
         for col in (text_col, label_col):
-            if col not in found:
+            if col is not None and col not in found:
                 raise ValueError(f"{path}: no column {col!r}; columns found: {found}")
         for line, row in enumerate(reader, start=2):
             texts.append(_text(row.get(text_col), path, line))
-            labels.append(_label(row.get(label_col), path, line))
+            labels.append(_label(row.get(label_col), path, line) if label_col is not None else UNLABELLED)
     return LabeledData(labels=labels, texts=texts)
 
 
-def _read_jsonl(path: Path, text_col: str, label_col: str) -> LabeledData:
+def _read_jsonl(path: Path, text_col: str, label_col: str | None) -> LabeledData:
     texts: list[str] = []
     rows: list[list[float]] = []
     labels: list[str] = []
@@ -74,9 +80,9 @@ def _read_jsonl(path: Path, text_col: str, label_col: str) -> LabeledData:
             if not raw.strip():
                 continue
             obj = _object(raw, path, line)
-            if label_col not in obj:
+            if label_col is not None and label_col not in obj:
                 raise ValueError(f"{path}:{line}: no key {label_col!r}; keys found: {sorted(obj)}")
-            labels.append(_label(obj[label_col], path, line))
+            labels.append(_label(obj[label_col], path, line) if label_col is not None else UNLABELLED)
             if text_col in obj:
                 texts.append(_text(obj[text_col], path, line))
             elif FEATURES_KEY in obj:

@@ -9,6 +9,7 @@ formula::
               = features                               otherwise
     scores    float32 [N, k] = phi @ weight + bias
     probabilities float32 [N, k] = Softmax(scores / temperature, axis=-1)
+    unknown_score float32 [N]    = ReduceMax(probabilities, axis=1)   (learner.unknown: the MSP)
 
 ``scores`` is a second output (free: it is an intermediate anyway). ``metadata_props`` carry the
 strings the caller passes (the service puts classes, model_version, backbone_identity, ...).
@@ -31,6 +32,7 @@ from learner.heads.base import Readout
 INPUT_NAME = "features"
 OUTPUT_NAME = "probabilities"
 SCORES_NAME = "scores"
+UNKNOWN_SCORE_NAME = "unknown_score"
 OPSET = 17
 _IR_VERSION = 8  # the IR that goes with opset 17; readable by every onnxruntime since 1.13
 
@@ -70,12 +72,14 @@ def readout_to_onnx(readout: Readout, *, metadata: dict[str, str]) -> onnx.Model
     nodes += [helper.make_node("MatMul", [phi, "weight"], ["linear"]),
               helper.make_node("Add", ["linear", "bias"], [SCORES_NAME]),
               helper.make_node("Mul", [SCORES_NAME, "inv_temperature"], ["logits"]),
-              helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=-1)]
+              helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=-1),
+              helper.make_node("ReduceMax", [OUTPUT_NAME], [UNKNOWN_SCORE_NAME], axes=[1], keepdims=0)]
     graph = helper.make_graph(
         nodes, "eddy_head",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", d])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", k]),
-         helper.make_tensor_value_info(SCORES_NAME, TensorProto.FLOAT, ["N", k])],
+         helper.make_tensor_value_info(SCORES_NAME, TensorProto.FLOAT, ["N", k]),
+         helper.make_tensor_value_info(UNKNOWN_SCORE_NAME, TensorProto.FLOAT, ["N"])],
         initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="eddy", ir_version=_IR_VERSION)
@@ -106,17 +110,23 @@ def load_session(path_or_bytes: Path | str | bytes, *, threads: int = 1) -> tupl
 
 
 def check_parity(readout: Readout, session: Any, X_probe: np.ndarray, tol: float = 1e-4) -> ParityResult:
-    """Compare ``session``'s probabilities with ``readout.predict_proba`` on ``X_probe`` ``(n, d)``.
+    """Compare ``session``'s probabilities and unknown scores with the readout's on ``X_probe`` ``(n, d)``.
 
-    Fails (never raises) if the session cannot run the probe, the shapes differ, any output is
+    The unknown score (``learner.unknown.max_probability`` of the readout's probabilities) is checked
+    when the graph has that output (every graph ``readout_to_onnx`` builds does). Fails (never
+    raises) if the session cannot run the probe, the shapes differ, any output is
     non-finite, or the largest absolute difference exceeds ``tol``. An empty probe passes.
     """
     X = np.ascontiguousarray(X_probe, dtype=np.float32)
     if X.ndim != 2 or X.shape[0] == 0:
         return ParityResult(X.ndim == 2, 0.0, "" if X.ndim == 2 else f"probe must be 2-d, got {X.ndim}-d")
     try:
-        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: X})
+        scored = UNKNOWN_SCORE_NAME in {o.name for o in session.get_outputs()}
+        outputs = session.run([OUTPUT_NAME, UNKNOWN_SCORE_NAME] if scored else [OUTPUT_NAME], {INPUT_NAME: X})
         want = readout.predict_proba(X)
+        got = outputs[0] if not scored else np.concatenate([outputs[0], outputs[1][:, None]], axis=1)
+        if scored:  # the score rides along as one more column: one comparison covers both
+            want = np.concatenate([want, want.max(axis=1, keepdims=True)], axis=1)
     except Exception as exc:  # onnxruntime raises its own types; the gate reports, not raises
         return ParityResult(False, math.inf, f"probe failed: {type(exc).__name__}: {exc}")
     if got.shape != want.shape:

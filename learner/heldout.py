@@ -9,6 +9,9 @@ leave-one-out scores are exact and cheap, so the memory can serve as a hold-out 
   ``s_loo = (s - h_i y_i) / (1 - h_i)`` (all classes at once; exact for fixed ``lam``).
 * ncm: the own class's mean without the event, ``(sum_c - x_i) / (n_c - 1)``; other classes are
   unchanged. An event that is its class's only one gets ``-1`` (the lowest cosine).
+* slda: the own class's discriminant with that mean, ``x^T P mu' - mu'^T P mu' / 2`` for the
+  shrunk shared precision ``P``; the covariance (``1/N`` of which is the event) and a class prior,
+  if on, are not re-estimated. An event that is its class's only one gets its row's lowest score.
 
 Other heads get their raw scores (documented optimism). Every function assumes each row was
 learned exactly once by the head (true for memory items: the memory stores learned events and
@@ -26,6 +29,7 @@ from learner.calibration import class_indices, fit_temperature
 from learner.heads.base import Head, check_features
 from learner.heads.ncm import NearestClassMeanHead
 from learner.heads.ridge import RidgeHead
+from learner.heads.slda import StreamingLDAHead
 
 
 def heldout_scores(head: Head, X: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -47,6 +51,8 @@ def heldout_scores(head: Head, X: np.ndarray, labels: Sequence[str]) -> tuple[np
         return _ridge_loo(head, X64, idx, scores), idx
     if isinstance(head, NearestClassMeanHead):
         return _ncm_loo(head, X64, idx, scores), idx
+    if isinstance(head, StreamingLDAHead):
+        return _slda_loo(head, X64, idx, scores), idx
     return scores, idx
 
 
@@ -73,6 +79,29 @@ def _ncm_loo(head: NearestClassMeanHead, X: np.ndarray, idx: np.ndarray, scores:
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = np.einsum("ij,ij->i", rest, X) / norms
     out[np.arange(len(idx)), idx] = np.where((counts > 1) & (norms > 0), cos, -1.0)
+    return out
+
+
+def _slda_loo(head: StreamingLDAHead, X: np.ndarray, idx: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    stats = head.statistics()
+    row_of = {str(c): i for i, c in enumerate(stats["classes"])}
+    order = [row_of[c] for c in head.readout().classes]
+    means = (stats["sums"] / stats["counts"][:, None])[order]
+    n = stats["counts"][order][idx].astype(np.float64)
+    d = means.shape[1]
+    A = (1.0 - head.shrinkage) * head.covariance() + head.shrinkage * np.eye(d)
+    factor = scipy.linalg.cho_factor(A, check_finite=False)
+    Pmu = scipy.linalg.cho_solve(factor, means.T, check_finite=False)  # (d, k)
+    Px = scipy.linalg.cho_solve(factor, X.T, check_finite=False)  # (d, m)
+    rows = np.arange(len(idx))
+    a = np.einsum("ij,ji->i", X, Pmu[:, idx])  # x^T P mu_c
+    m = np.einsum("ij,ji->i", means[idx], Pmu[:, idx])  # mu_c^T P mu_c
+    q = np.einsum("ij,ji->i", X, Px)  # x^T P x
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loo = (n * a - q) / (n - 1) - 0.5 * (n * n * m - 2 * n * a + q) / (n - 1) ** 2
+    out = scores.copy()
+    own = out[rows, idx] - (a - 0.5 * m) + loo  # keeps a prior term in the bias, if any
+    out[rows, idx] = np.where(n > 1, own, out.min(axis=1))
     return out
 
 

@@ -108,6 +108,33 @@ EXPORT_SECONDS = Histogram(
     registry=REGISTRY,
 )
 
+UNKNOWN_PREDICTIONS = Counter(
+    "eddy_predictions_unknown_total",
+    "Predictions answered with the unknown label (score below the model's threshold), by API.",
+    ["api"], registry=REGISTRY,
+)
+UNKNOWN_THRESHOLD = Gauge(
+    "eddy_unknown_threshold",
+    "The served model's unknown threshold on the tempered max probability (0: none chosen yet).",
+    registry=REGISTRY,
+)
+UNKNOWN_HELDOUT_REJECT_RATE = Gauge(
+    "eddy_unknown_heldout_reject_rate",
+    "Share of labelled events the served model would have rejected as unknown, scored before they were "
+    "learned (in-scope events, since the last restart); the promise is serving.unknown.reject_rate.",
+    registry=REGISTRY,
+)
+UNKNOWN_CHECKS = Counter(
+    "eddy_unknown_checks_total",
+    "Labelled events scored by the served model before learning, by kind (in_scope, or unknown: labelled "
+    "with serving.unknown.label, never learned) and result (rejected, accepted).",
+    ["kind", "result"], registry=REGISTRY,
+)
+REVIEW_RECORDS = Counter(
+    "eddy_review_records_total",
+    "Predictions offered to the review queue, by result (published, duplicate, rate_limited, dropped, failed).",
+    ["result"], registry=REGISTRY,
+)
 
 _faults: dict[str, str] = {}  # component -> why it is degraded; shown in /readyz details
 _faults_lock = threading.Lock()

@@ -76,11 +76,13 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Offline prequential evaluation of a head on a labeled file."""
+    """Offline prequential evaluation of a head on a labeled file (or, with --ood-test, of its rejection)."""
     from learner.evaluate import run_eval
 
     s = _settings(args)
     params = _head_params(s, args.head, expansion_width=args.expansion_width)
+    if args.ood_test:
+        return _eval_ood(args, s, params)
     report = run_eval(Path(args.train), Path(args.test) if args.test else None, text_col=args.text_col,
                       label_col=args.label_col, head_kind=args.head, head_params=params, order=args.order,
                       seed=args.seed, eval_every=args.eval_every, json_out=Path(args.json) if args.json else None,
@@ -90,6 +92,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     keys = ("head", "prequential_accuracy", "final_accuracy", "joint_reference_accuracy", "forgetting",
             "min_old_class_accuracy", "n_events", "n_classes", "learn_events_per_s")
     print(json.dumps({k: report.get(k) for k in keys}, indent=2))
+    return 0
+
+
+def _eval_ood(args: argparse.Namespace, s: Any, params: dict[str, Any]) -> int:
+    from learner.evaluate_ood import run_ood_eval
+    from service.tools.ood_report import plot_scores
+
+    report = run_ood_eval(Path(args.train), Path(args.test) if args.test else None, Path(args.ood_test),
+                          text_col=args.text_col, label_col=args.label_col, head_kind=args.head, head_params=params,
+                          reject_rate=s.serving.unknown.reject_rate, scores=args.ood_score or ["msp"], seed=args.seed,
+                          cache_dir=s.backbone.cache_dir, runtime=s.backbone.runtime,
+                          max_tokens=s.backbone.max_tokens, embed_batch_size=s.backbone.batch_size,
+                          threads=s.backbone.threads)
+    png = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png") if args.json else None
+    if png is not None:
+        plot_scores(report, png)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    summary = {name: {k: v for k, v in m.items() if k != "hist"} for name, m in report["scores"].items()}
+    print(json.dumps({"head": report["head"], "reject_rate": report["reject_rate"],
+                      "in_scope_accuracy": report["in_scope_accuracy"], "scores": summary,
+                      "plot": str(png) if png else None}, indent=2))
     return 0
 
 
@@ -225,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--eval-every", type=int, default=1000)
     sp.add_argument("--json")
+    sp.add_argument("--ood-test", help="out-of-scope rows (label column ignored): evaluate unknown rejection at "
+                                       "the threshold eddy chooses for serving.unknown.reject_rate")
+    sp.add_argument("--ood-score", nargs="*", choices=["msp", "energy", "mahalanobis"],
+                    help="scores to compare (default msp, what eddy serves)")
+    sp.add_argument("--plot", help="score histogram PNG (default: next to --json)")
     sp = add("predict", cmd_predict, "ask a running server for a prediction")
     sp.add_argument("--text")
     sp.add_argument("--features", help="JSON array of numbers")

@@ -125,6 +125,27 @@ class ExportSettings(_Section):
     holdout_size: int = Field(512, ge=0)
 
 
+class UnknownSettings(_Section):
+    """Out-of-scope rejection: answer the unknown label when no class fits (README: "Unknown inputs")."""
+
+    enabled: bool = True
+    label: str = Field("<unknown>", min_length=1, max_length=200)
+    # Share of in-scope inputs the user accepts to see answered "unknown"; the threshold is the
+    # conformal quantile of held-out in-scope scores (learner/unknown.py).
+    reject_rate: float = Field(0.02, gt=0, lt=0.5)
+
+
+class ReviewSettings(_Section):
+    """The review queue: rejected and low-margin predictions published for a person to label."""
+
+    enabled: bool = False
+    topic: str | None = None  # default: "<kafka.topic>.review"
+    max_per_second: float = Field(5.0, gt=0, le=10_000)
+    margin: float = Field(0.1, ge=0, le=1)  # top probability minus the second below this: doubtful
+    dedupe_window: int = Field(10_000, ge=0, le=10_000_000)
+    queue_size: int = Field(1_000, ge=1, le=1_000_000)
+
+
 class ServingSettings(_Section):
     """The inference servers: gRPC, and OIP v2 over HTTP/REST."""
 
@@ -159,6 +180,8 @@ class ServingSettings(_Section):
     admin_token: SecretStr | None = None
     predict_token: SecretStr | None = None
     follow_seconds: float = Field(0.2, gt=0)
+    unknown: UnknownSettings = UnknownSettings()
+    review: ReviewSettings = ReviewSettings()
 
 
 class MetricsSettings(_Section):

@@ -36,6 +36,7 @@ from service.serving.grpc.oip_v2 import OipServicer
 from service.serving.grpc.server import start_server, stop_server
 from service.serving.ops_http import HealthReport, assess, start_http_server
 from service.serving.rest.app import start_rest, stop_rest
+from service.serving.unknown import Rejection
 
 log = logging.getLogger("eddy")
 
@@ -105,10 +106,11 @@ class Daemon:
         server = rest = None
         if self.role in ("all", "serve"):
             sv = self.s.serving
-            predictor = Predictor(self.slot, wiring.request_limits(sv),
-                                  coalesce_texts=sv.coalesce_texts)  # one for both: texts coalesce across them
-            server = await self._start_grpc(predictor)
-            rest = await self._start_rest(predictor)
+            # One of each for both surfaces: texts coalesce, and reviews rate-limit, across them.
+            predictor = Predictor(self.slot, wiring.request_limits(sv), coalesce_texts=sv.coalesce_texts)
+            rejection = Rejection(wiring.unknown_policy(self.s), wiring.build_review_queue(self.parts))
+            server = await self._start_grpc(predictor, rejection)
+            rest = await self._start_rest(predictor, rejection)
         threads = []
         if self.role in ("all", "learn", "merge"):
             threads.append(self._start_learner(stop))
@@ -150,17 +152,17 @@ class Daemon:
         if loaded:
             log.info("serving model v%s from the registry (loaded: %s)", self.slot.version, self.slot.loaded_versions())
 
-    async def _start_rest(self, predictor: Predictor) -> web.AppRunner:
+    async def _start_rest(self, predictor: Predictor, rejection: Rejection) -> web.AppRunner:
         sv = self.s.serving
         runner, port = await start_rest(
-            OipServicer(predictor, sv.model_name), host=sv.host, port=sv.http_port,
+            OipServicer(predictor, sv.model_name, rejection), host=sv.host, port=sv.http_port,
             max_body_bytes=sv.max_message_bytes, predict_token=wiring.secret(sv.predict_token),
             admin_token=wiring.secret(sv.admin_token), tls_cert=sv.tls_cert, tls_key=sv.tls_key)
         log.info("HTTP/REST on %s://%s:%d/v2 (Open Inference Protocol v2)", "https" if sv.tls_cert else "http",
                  sv.host, port)
         return runner
 
-    async def _start_grpc(self, predictor: Predictor) -> grpc.aio.Server:
+    async def _start_grpc(self, predictor: Predictor, rejection: Rejection) -> grpc.aio.Server:
         sv = self.s.serving
         server, port = await start_server(
             self.slot, host=sv.host, port=sv.grpc_port, model_name=sv.model_name,
@@ -169,7 +171,7 @@ class Daemon:
                               forget_publisher=self._forget_publisher()),
             admin_token=wiring.secret(sv.admin_token), predict_token=wiring.secret(sv.predict_token),
             tls_cert=sv.tls_cert, tls_key=sv.tls_key, coalesce_texts=sv.coalesce_texts, predictor=predictor,
-            connections=wiring.connection_limits(sv),
+            connections=wiring.connection_limits(sv), rejection=rejection,
         )
         log.info("gRPC on %s:%d (eddy.v1, inference.GRPCInferenceService, health, reflection)", sv.host, port)
         return server
@@ -201,7 +203,7 @@ class Daemon:
             return wiring.build_merger(self.parts)
         if self.role == "learn" and self.s.kafka.scale_out:
             return wiring.build_replica(self.parts)
-        return wiring.build_learn_loop(self.parts, predict=self.predict_served)
+        return wiring.build_learn_loop(self.parts, predict=self.predict_served, reject=self.reject_served)
 
     def _forget_publisher(self) -> ForgetPublisher | None:
         """Scale-out serving replicas queue Admin/Forget on the control topic for the learner replicas."""
@@ -218,6 +220,13 @@ class Daemon:
         if model is None:
             return np.zeros((len(X), 0), np.float32), []
         return model.predict_features(X), model.classes
+
+    def reject_served(self, X: np.ndarray) -> tuple[np.ndarray, Sequence[str]] | None:
+        """Which rows the served model answers unknown, and its classes (None before the first model)."""
+        model = self.slot.get()
+        if model is None:
+            return None
+        return model.rejects(model.predict_scored(X)[1]), model.classes
 
     # -- health --------------------------------------------------------------------------------
     def health(self) -> HealthReport:

@@ -21,6 +21,7 @@ from learner.heads import make_head
 from memory import ReplayMemory
 from memory.compensation import DEFAULT_CAPACITY, ErrorMemory
 from service.app.config import HeadSettings, KafkaSettings, ServingSettings, Settings
+from service.core.batch import Reject
 from service.core.restore import restore_state
 from service.core.snapshots import SnapshotStore
 from service.core.state import LearnerState, new_state
@@ -28,6 +29,7 @@ from service.kafka.clients import ClientSecurity, DeadLetterWriter, ensure_topic
 from service.kafka.control import ControlPublisher, control_consumer
 from service.kafka.deltas import DeltaRecord, deltas_consumer, ensure_deltas_topic, read_latest
 from service.kafka.refetch import KafkaRefetcher
+from service.kafka.review import KafkaReviewSink
 from service.models.backbone import LazyBackbone
 from service.models.exporter import Exporter
 from service.models.registry import ModelRegistry
@@ -38,6 +40,8 @@ from service.roles.merger import MergeOptions, Merger
 from service.roles.replica import ForgetHook, PartitionedLearnLoop, ScaleOutOptions, replica_id
 from service.serving.grpc.common import Limits
 from service.serving.grpc.server import ConnectionLimits
+from service.serving.review import ReviewOptions, ReviewQueue
+from service.serving.unknown import UnknownPolicy
 
 log = logging.getLogger("eddy")
 
@@ -150,7 +154,36 @@ def restored_state(parts: Parts) -> tuple[LearnerState, SnapshotStore]:
     return state, store
 
 
-def build_learn_loop(parts: Parts, *, predict: Predict) -> LearnLoop:
+def unknown_policy(s: Settings) -> UnknownPolicy:
+    """``serving.unknown`` as plain values."""
+    return UnknownPolicy(enabled=s.serving.unknown.enabled, label=s.serving.unknown.label)
+
+
+def reject_rate(s: Settings) -> float | None:
+    """The unknown threshold's promised in-scope rejection rate, or None when rejection is off."""
+    return s.serving.unknown.reject_rate if s.serving.unknown.enabled else None
+
+
+def build_review_queue(parts: Parts) -> ReviewQueue | None:
+    """The review queue publishing to ``serving.review.topic`` (default ``<topic>.review``), or None when off."""
+    s, k = parts.settings, parts.settings.kafka
+    r = s.serving.review
+    if not r.enabled:
+        return None
+    security = client_security(k)
+    topic = r.topic or f"{k.topic}.review"
+    ensure_topics(k.bootstrap_servers, {topic: 1}, security=security)
+    # Not idempotent, acks=1, short max_block: review records are advisory, never worth stalling for.
+    producer = make_producer(k.bootstrap_servers, security=security, acks=1, enable_idempotence=False,
+                             max_block_ms=1_000, client_id="eddy-review")
+    queue = ReviewQueue(KafkaReviewSink(producer, topic), ReviewOptions(
+        max_per_second=r.max_per_second, margin=r.margin, dedupe_window=r.dedupe_window, queue_size=r.queue_size))
+    parts.closers.extend([producer, queue])  # closed in reverse: the queue drains before the producer closes
+    log.info("review queue: rejected and low-margin predictions go to %s (at most %.1f/s)", topic, r.max_per_second)
+    return queue
+
+
+def build_learn_loop(parts: Parts, *, predict: Predict, reject: Reject | None = None) -> LearnLoop:
     """The single-process learn loop with its consumer, dead-letter writer, state and exporter."""
     s, k = parts.settings, parts.settings.kafka
     security = client_security(k)
@@ -169,10 +202,11 @@ def build_learn_loop(parts: Parts, *, predict: Predict) -> LearnLoop:
         log_every_seconds=s.metrics.log_every_seconds, holdout_size=s.export.holdout_size,
         gcv_every_seconds=s.head.gcv_every_seconds, head_label=s.head.kind,
         retry_backoff_max_s=k.reconnect_backoff_max_ms / 1000, max_classes=s.head.max_classes,
+        unknown_label=s.serving.unknown.label, reject_rate=reject_rate(s),
     )
     loop = LearnLoop(consumer=consumer, dlq=DeadLetterWriter(producer, f"{k.topic}.dlq"), state=state,
                      store=store, exporter=build_exporter(parts), embed=parts.backbone.embed, refetch=refetch,
-                     options=options, predict=predict)
+                     options=options, predict=predict, reject=reject)
     current = parts.registry.current()
     if current is not None and "rolled_back_from" in parts.registry.meta(current):
         # A rollback outlives restarts: automatic exports stay paused until an explicit export.
@@ -212,7 +246,7 @@ def build_replica(parts: Parts) -> PartitionedLearnLoop:
         batch_max_events=k.batch_max_events, poll_timeout_ms=k.poll_timeout_ms,
         publish_every_events=s.checkpoint.every_events, publish_every_seconds=s.checkpoint.every_seconds,
         log_every_seconds=s.metrics.log_every_seconds, recent_rows=min(s.export.holdout_size, 128), replica_id=rid,
-        max_classes=s.head.max_classes,
+        max_classes=s.head.max_classes, unknown_label=s.serving.unknown.label,
     )
     control = ControlFollower(controls, dlq=dlq, refetch=refetch, embed=parts.backbone.embed,
                               options=ControlOptions(k.control_topic, s.backbone.dim, k.max_event_bytes))
@@ -258,7 +292,7 @@ def build_merger(parts: Parts) -> Merger:
         backbone_identity=parts.backbone.identity, export_every_seconds=s.export.every_seconds,
         snapshot_every_seconds=s.checkpoint.every_seconds, holdout_size=s.export.holdout_size,
         poll_timeout_ms=k.poll_timeout_ms, log_every_seconds=s.metrics.log_every_seconds,
-        control_topic=k.control_topic,
+        control_topic=k.control_topic, reject_rate=reject_rate(s),
     )
     store = SnapshotStore(Path(s.checkpoint.dir), keep=s.checkpoint.keep)
     return Merger(consumer=consumer, exporter=build_exporter(parts), store=store, options=options)

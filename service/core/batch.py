@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 Predict = Callable[[np.ndarray], tuple[np.ndarray, Sequence[str]]]
+# rows -> (bool (n,): would the served model answer unknown?, its classes); None when none is served
+Reject = Callable[[np.ndarray], tuple[np.ndarray, Sequence[str]] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,30 @@ class BatchOutcome:
     predicted: int = 0
     X: np.ndarray | None = None
     labels: list[str] = field(default_factory=list)
+    # Unknown detection, checked against events before they are learned (never learned: unknown_*).
+    unknown_labelled: int = 0
+    unknown_checked: int = 0
+    unknown_caught: int = 0
+    in_scope_scored: int = 0
+    in_scope_rejected: int = 0
+
+
+@dataclass
+class RejectionTally:
+    """In-scope events the served model would have answered unknown, scored before they were learned."""
+
+    scored: int = 0
+    rejected: int = 0
+
+    def add(self, out: BatchOutcome) -> None:
+        """Count a batch's checks and publish the running rate (``eddy_unknown_heldout_reject_rate``)."""
+        if out.in_scope_scored:
+            self.scored += out.in_scope_scored
+            self.rejected += out.in_scope_rejected
+            metrics.UNKNOWN_HELDOUT_REJECT_RATE.set(self.rejected / self.scored)
+
+
+REJECTIONS = RejectionTally()  # per process, like the metrics it feeds
 
 
 def report(out: BatchOutcome, dlq: Any, seconds: float) -> None:
@@ -73,6 +99,12 @@ def report(out: BatchOutcome, dlq: Any, seconds: float) -> None:
     metrics.EVENTS.labels(result="duplicate").inc(out.duplicates)
     metrics.EVENTS.labels(result="dead_letter").inc(len(out.dead_letters))
     metrics.EVENTS.labels(result="forgotten").inc(out.skipped_forgotten)
+    metrics.EVENTS.labels(result="unknown_label").inc(out.unknown_labelled)
+    for kind, seen, rejected in (("in_scope", out.in_scope_scored, out.in_scope_rejected),
+                                 ("unknown", out.unknown_checked, out.unknown_caught)):
+        metrics.UNKNOWN_CHECKS.labels(kind=kind, result="rejected").inc(rejected)
+        metrics.UNKNOWN_CHECKS.labels(kind=kind, result="accepted").inc(seen - rejected)
+    REJECTIONS.add(out)
     metrics.LEARN_BATCH_SECONDS.observe(seconds)
 
 
@@ -82,8 +114,8 @@ def tp_key(topic: str, partition: int) -> str:
 
 
 def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed | None, dim: int,
-                max_event_bytes: int, predict: Predict | None = None,
-                max_classes: int | None = None) -> BatchOutcome:
+                max_event_bytes: int, predict: Predict | None = None, max_classes: int | None = None,
+                unknown_label: str | None = None, reject: Reject | None = None) -> BatchOutcome:
     """Learn every good event in ``records``; return dead letters and counts.
 
     ``embed`` turns texts into ``(n, dim)`` float32 rows (None: text events are dead-lettered).
@@ -92,6 +124,9 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
     ``max_classes``, if given, bounds the head's classes: an event of a new label that would be
     class ``max_classes + 1`` is dead-lettered as ``too_many_classes`` (events of known labels
     are still learned; a forgotten label frees its place).
+    Events labelled ``unknown_label`` are never learned (the unknown label is not a class); with
+    ``reject`` they check the served model's rejection (``unknown_caught``), as the in-scope events
+    check its in-scope rejection rate (``in_scope_rejected``) before they are learned.
     Never raises for a bad record. Raises ``BackboneUnavailable`` (from ``embed``) before changing
     ``state``, so the caller can stop without counting the batch.
     """
@@ -115,13 +150,15 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
         if decoded.id in state.tombstones:
             out.skipped_forgotten += 1
             continue
-        if not room.admits(decoded.label):
+        if decoded.label != unknown_label and not room.admits(decoded.label):  # the unknown label is no class
             out.dead_letters.append(DeadLetter(rec, "too_many_classes", room.refusal(decoded.label)))
             continue
         batch_ids.add(decoded.id)
         events.append((rec, decoded))
     X, kept = _features(events, embed, dim, out)  # may raise BackboneUnavailable: the state is untouched
     state.offsets.update(offsets)
+    if unknown_label is not None and kept:
+        X, kept = _set_aside_unknown(X, kept, unknown_label, reject, out)
     if kept:
         _learn(state, X, kept, out, predict)
     state.counters.learned += out.learned
@@ -210,6 +247,25 @@ def checked_embeddings(X: Any, n: int, dim: int) -> np.ndarray:
     if not np.isfinite(X).all():
         raise ValueError("backbone returned non-finite values")
     return X
+
+
+def _set_aside_unknown(X: np.ndarray, kept: list[tuple[Record, Event]], unknown_label: str, reject: Reject | None,
+                       out: BatchOutcome) -> tuple[np.ndarray, list[tuple[Record, Event]]]:
+    """Count (and check) the unknown-labelled events; return the rest, to be learned."""
+    is_unknown = np.array([ev.label == unknown_label for _, ev in kept], dtype=bool)
+    out.unknown_labelled = int(is_unknown.sum())
+    verdict = reject(X) if reject is not None else None
+    if verdict is not None:
+        rejected, classes = np.asarray(verdict[0], dtype=bool), set(verdict[1])
+        # In scope: classes the served model knows (a class it has not learned yet is out of its scope).
+        in_scope = np.array([ev.label in classes for _, ev in kept], dtype=bool) & ~is_unknown
+        out.unknown_checked = out.unknown_labelled
+        out.unknown_caught = int((rejected & is_unknown).sum())
+        out.in_scope_scored = int(in_scope.sum())
+        out.in_scope_rejected = int((rejected & in_scope).sum())
+    if not out.unknown_labelled:
+        return X, kept
+    return X[~is_unknown], [item for item, unk in zip(kept, is_unknown.tolist(), strict=True) if not unk]
 
 
 def _learn(state: LearnerState, X: np.ndarray, kept: list[tuple[Record, Event]], out: BatchOutcome,

@@ -38,6 +38,27 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class UnknownThreshold:
+    """The unknown threshold chosen for a model (``learner.unknown``), stored in its metadata.
+
+    ``threshold`` None: too few held-out items to keep the promised rate, nothing is rejected.
+    ``heldout_reject_rate`` is the share of the calibration items below the threshold.
+    """
+
+    threshold: float | None
+    reject_rate: float
+    items: int
+    heldout_reject_rate: float
+    classes: int
+
+    def meta(self) -> dict[str, str]:
+        """Model metadata entries (read back by ``ServedModel.unknown_threshold``)."""
+        return {"unknown_threshold": "" if self.threshold is None else repr(self.threshold),
+                "unknown_reject_rate": repr(self.reject_rate), "unknown_calibration_items": str(self.items),
+                "unknown_heldout_reject_rate": f"{self.heldout_reject_rate:.6f}"}
+
+
+@dataclass(frozen=True)
 class ExportResult:
     """What one export attempt did."""
 
@@ -63,12 +84,13 @@ class Exporter:
 
     def export(self, head: Head, *, probe: np.ndarray, window: tuple[np.ndarray, list[str]],
                offsets: dict[str, int], compensation: Compensator | None = None,
-               forget: bool = False) -> ExportResult:
+               forget: bool = False, unknown: UnknownThreshold | None = None) -> ExportResult:
         """Export ``head`` and swap it in if it passes the gates. Never raises for a bad model.
 
         ``compensation`` (a frozen error memory) is attached to the served model; the gates judge
         the ONNX head alone. ``forget``: ``head`` has forgotten events the served model knows
-        (module docstring). Raises ``OSError`` when the registry cannot be written.
+        (module docstring). ``unknown`` (the threshold chosen for this head) goes into the metadata.
+        Raises ``OSError`` when the registry cannot be written.
         """
         start = time.perf_counter()
         readout = head.readout()
@@ -82,6 +104,7 @@ class Exporter:
             "head_kind": self.head_kind,
             "created_at": f"{time.time():.3f}",
             "source_offsets": json.dumps(offsets, sort_keys=True),
+            **(unknown.meta() if unknown is not None else {}),
         }
         data = readout_to_onnx(readout, metadata=meta).SerializeToString()
         session, _ = load_session(data)

@@ -5,13 +5,16 @@ changes a model under a request and never blocks one: in-flight requests finish 
 started with, new ones see the new model. Versions in a slot only increase.
 
 A head model is an ONNX file with input ``features`` float32 ``[N, d]`` and output
-``probabilities`` float32 ``[N, k]``; its ``metadata_props`` hold ``classes`` (JSON list, column
-order), ``model_version``, ``backbone_identity``, ``head_kind``, ``created_at`` and
-``source_offsets`` (JSON ``{"topic:partition": next_offset}``).
+``probabilities`` float32 ``[N, k]`` (and, from eddy's exporter, ``unknown_score`` float32 ``[N]``:
+the rejection score of ``learner.unknown``); its ``metadata_props`` hold ``classes`` (JSON list,
+column order), ``model_version``, ``backbone_identity``, ``head_kind``, ``created_at``,
+``source_offsets`` (JSON ``{"topic:partition": next_offset}``) and ``unknown_threshold`` (empty:
+none chosen, nothing is rejected).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -27,13 +30,14 @@ import onnxruntime as ort
 
 from memory.compensation import Compensator
 from service.errors import ModelError
-from service.metrics import LAST_SWAP_TIMESTAMP, MODEL_VERSION, SWAPS
+from service.metrics import LAST_SWAP_TIMESTAMP, MODEL_VERSION, SWAPS, UNKNOWN_THRESHOLD
 from service.models.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "features"
 OUTPUT_NAME = "probabilities"
+UNKNOWN_SCORE_NAME = "unknown_score"
 
 
 class Backbone(Protocol):
@@ -112,7 +116,57 @@ class ServedModel:
         except (ValueError, AttributeError):
             return {}
 
+    @property
+    def unknown_threshold(self) -> float | None:
+        """Inputs scoring below this are unknown (``learner.unknown``); None: reject nothing."""
+        raw = self.meta.get("unknown_threshold", "")
+        try:
+            value = float(raw) if raw else None
+        except ValueError:
+            return None
+        return value if value is not None and np.isfinite(value) else None
+
     # -- prediction -----------------------------------------------------------------------------
+    def predict_scored(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities ``(n, k)`` as ``predict_features``, and the unknown score ``(n,)`` of each row.
+
+        The score is the ONNX head's own (before compensation), what the parity gate checked
+        against the learner; a model exported before scores existed gets the same formula, the
+        maximum of its raw probabilities. Same errors as ``predict_features``.
+        """
+        X = self._checked(X)
+        if X.shape[0] == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32), np.zeros(0, dtype=np.float32)
+        if self._has_score:
+            raw, score = self.session.run([OUTPUT_NAME, UNKNOWN_SCORE_NAME], {INPUT_NAME: X})
+        else:
+            (raw,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: X})
+            score = raw.max(axis=1)
+        probs = np.asarray(raw, dtype=np.float32)
+        if self.compensation is not None:
+            probs = self.compensation.apply(X, probs, self.classes)
+        return probs, np.asarray(score, dtype=np.float32)
+
+    def rejects(self, score: np.ndarray) -> np.ndarray:
+        """Boolean ``(n,)``: which scores fall below this model's unknown threshold (none without one)."""
+        threshold = self.unknown_threshold
+        score = np.asarray(score)
+        return score < threshold if threshold is not None else np.zeros(score.shape, dtype=bool)
+
+    @functools.cached_property
+    def _has_score(self) -> bool:
+        return UNKNOWN_SCORE_NAME in {o.name for o in self.session.get_outputs()}
+
+    def _checked(self, X: np.ndarray) -> np.ndarray:
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if X.ndim != 2:
+            raise ValueError(f"expected a 2-d array of shape (n, {self.n_features}), got {X.ndim}-d")
+        if X.shape[1] != self.n_features:
+            raise ValueError(f"got {X.shape[1]} features, expected {self.n_features}")
+        if X.shape[0] and not np.isfinite(X).all():
+            raise ValueError("features must be finite (found NaN or Inf)")
+        return X
+
     def predict_features(self, X: np.ndarray) -> np.ndarray:
         """Probabilities float32 ``(n, k)`` for feature rows ``X`` (``(n, d)``, any real dtype).
 
@@ -306,6 +360,7 @@ class ModelSlot:
             self._changed.notify_all()
             listeners = list(self._listeners)
         MODEL_VERSION.set(model.version)
+        UNKNOWN_THRESHOLD.set(model.unknown_threshold if model.unknown_threshold is not None else 0.0)
         SWAPS.labels(result="applied", reason="ok").inc()
         LAST_SWAP_TIMESTAMP.set(time.time())
         for listener in listeners:

@@ -1,8 +1,9 @@
 """When and how the learn loop exports: the schedule, the export thread, and adopting its outcome.
 
 An export solves a frozen copy of the head on its own thread (ridge's GCV lambda takes seconds at
-M = 2048), fits the temperature on a held-out memory sample, and hands the result to the
-``Exporter`` (gates, registry, swap). The learner goes on learning meanwhile and adopts the
+M = 2048), fits the temperature on a held-out memory sample, chooses the unknown threshold on the
+same sample (``learner.unknown``), and hands the result to the ``Exporter`` (gates, registry,
+swap). The learner goes on learning meanwhile and adopts the
 choices made on the copy once the export lands.
 
 A forget must reach the served model: while ``state.counters.forgets_unexported`` is positive (it
@@ -25,11 +26,12 @@ import numpy as np
 
 from learner.heads.stats import ExactHead
 from learner.heldout import fit_heldout_temperature
+from learner.unknown import conformal_threshold, heldout_msp
 from memory.compensation import Compensator
 from service import metrics
 from service.core.recent_rows import RecentRows
 from service.core.state import LearnerState
-from service.models.exporter import Exporter, ExportResult
+from service.models.exporter import Exporter, ExportResult, UnknownThreshold
 from service.roles.snapshots import RetryBackoff
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class ExportPolicy:
     every_events: int
     every_seconds: float
     gcv_every_seconds: float
+    reject_rate: float | None = None  # serving.unknown.reject_rate; None: no unknown threshold
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ class ExportJob:
     pending_since: float | None
     refit: bool
     compensation: Compensator | None = None  # frozen error memory for the served model
-    calibration: tuple[np.ndarray, list[str]] | None = None  # memory sample to fit the temperature on
+    calibration: tuple[np.ndarray, list[str]] | None = None  # memory sample: temperature, unknown threshold
+    fit_temperature: bool = False  # fit the temperature on ``calibration`` (else only the threshold)
     forgets: int = 0  # forget requests this export carries to the served model (0: a routine export)
 
 
@@ -86,6 +90,10 @@ class ExportScheduler:
         self._calibration_rng = np.random.default_rng(0)
         self._retry = RetryBackoff(max_seconds=30.0)
         self.last_reason = ""  # why the last export was not applied ("" when it was)
+        # The unknown threshold is chosen with the temperature (on a refit) and whenever classes
+        # change; exports in between carry it (the leave-one-out scores cost a Cholesky of the
+        # M x M Gram matrix, ~0.1-0.2 s at M = 2048: too much for every export).
+        self.unknown: UnknownThreshold | None = None
 
     # -- what changed ------------------------------------------------------------------------
     def note_learned(self, n_events: int, *, changed: bool, new_class: bool, received_at: float) -> None:
@@ -132,9 +140,16 @@ class ExportScheduler:
         if refit:
             self._last_gcv = time.monotonic()
         X, labels = recent.rows()
+        fit_temperature = refit and state.head.temperature == "auto"
+        threshold_due = self.policy.reject_rate is not None and (
+            refit or self.urgent or self.unknown is None or self.unknown.threshold is None
+            or self.unknown.classes != len(state.head.classes_))
+        calibration = None
+        if fit_temperature or threshold_due:
+            calibration = self._calibration_sample(state) or ((X, labels) if len(labels) else None)
         job = ExportJob(copy.deepcopy(state.head), X, labels, dict(state.offsets), self.pending_since, refit,
                         compensation=Compensator.freeze(state.errors) if state.errors is not None else None,
-                        calibration=self._calibration_sample(state) if refit else None,
+                        calibration=calibration, fit_temperature=fit_temperature,
                         forgets=state.counters.forgets_unexported)
         self.pending_since = None
         self.changed = self.urgent = False
@@ -143,12 +158,12 @@ class ExportScheduler:
         self._inflight = self._pool.submit(self._run, job)
 
     def _calibration_sample(self, state: LearnerState) -> tuple[np.ndarray, list[str]] | None:
-        """A class-balanced memory sample to fit the temperature on, when it is "auto"; else None.
+        """A class-balanced memory sample (learned events, scored leave-one-out); None without memory.
 
         Taken on the learner thread: the memory is mutated there, so it is read there.
         """
         memory = state.memory
-        if memory is None or not len(memory) or state.head.temperature != "auto":
+        if memory is None or not len(memory):
             return None
         X, labels, _ = memory.sample(CALIBRATION_SAMPLE, self._calibration_rng)
         return X, labels
@@ -159,12 +174,15 @@ class ExportScheduler:
         # Ridge's lambda is chosen by GCV only on a refit (seconds at M = 2048, on schedule); until
         # the first one, exports use a provisional lambda rather than stall the first model on it.
         job.head.prepare_solve(refit=job.refit)
-        if job.calibration is not None:  # after the lambda: leave-one-out scores depend on it
+        if job.calibration is not None and job.fit_temperature:  # after the lambda: LOO scores depend on it
             temperature = fit_heldout_temperature(job.head, *job.calibration)
             if temperature is not None:
                 job.head.set_temperature(temperature)
+        if job.calibration is not None and self.policy.reject_rate is not None:  # after the temperature
+            self.unknown = unknown_threshold(job.head, *job.calibration, self.policy.reject_rate)
         result = self.exporter.export(job.head, probe=job.X[-64:], window=(job.X, job.labels),
-                                      offsets=job.offsets, compensation=job.compensation, forget=job.forgets > 0)
+                                      offsets=job.offsets, compensation=job.compensation, forget=job.forgets > 0,
+                                      unknown=self.unknown)
         return job, result, time.perf_counter() - start
 
     def collect(self, state: LearnerState, *, wait: bool = False) -> int | None:
@@ -227,6 +245,14 @@ class ExportScheduler:
             return
         self.collect(state, wait=True)
         self._pool.shutdown()
+
+
+def unknown_threshold(head: ExactHead, X: np.ndarray, labels: list[str], reject_rate: float) -> UnknownThreshold:
+    """The conformal unknown threshold of ``head`` on learned rows scored leave-one-out (``learner.unknown``)."""
+    scores = heldout_msp(head, X, labels)
+    threshold = conformal_threshold(scores, reject_rate) if len(scores) else None
+    rejected = float(np.mean(scores < threshold)) if threshold is not None else 0.0
+    return UnknownThreshold(threshold, reject_rate, len(scores), rejected, len(head.classes_))
 
 
 def routine_export_affordable(since: float, cost: float, backlog: bool) -> bool:

@@ -30,7 +30,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from service import metrics
-from service.core.batch import Embed, Predict, Record, learn_batch, report, texts_of, tp_key
+from service.core.batch import Embed, Predict, Record, Reject, learn_batch, report, texts_of, tp_key
 from service.core.forget import Refetch, apply_forget, parse_control
 from service.core.recent_rows import RecentRows
 from service.core.snapshots import SnapshotStore
@@ -71,6 +71,8 @@ class LoopOptions:
     head_label: str
     retry_backoff_max_s: float = 5.0
     max_classes: int | None = None  # new labels past it are dead-lettered (too_many_classes)
+    unknown_label: str | None = None  # events with this label are never learned (they check rejection)
+    reject_rate: float | None = None  # serving.unknown.reject_rate (None: unknown detection off)
 
 
 class LearnLoop:
@@ -81,8 +83,8 @@ class LearnLoop:
     """
 
     def __init__(self, *, consumer: KafkaConsumer, dlq: DeadLetterWriter, state: LearnerState,
-                 store: SnapshotStore, exporter: Exporter | None, embed: Embed | None,
-                 refetch: Refetch, options: LoopOptions, predict: Predict | None = None) -> None:
+                 store: SnapshotStore, exporter: Exporter | None, embed: Embed | None, refetch: Refetch,
+                 options: LoopOptions, predict: Predict | None = None, reject: Reject | None = None) -> None:
         self.consumer = consumer
         self.dlq = dlq
         self.state = state
@@ -91,9 +93,10 @@ class LearnLoop:
         self.refetch = refetch
         self.opt = options
         self.predict = predict
+        self.reject = reject
         self.recent = RecentRows(options.holdout_size, options.dim)
         self.exports = ExportScheduler(exporter, ExportPolicy(
-            options.export_every_events, options.export_every_seconds, options.gcv_every_seconds))
+            options.export_every_events, options.export_every_seconds, options.gcv_every_seconds, options.reject_rate))
         self.snapshots = Snapshotter(store, consumer, dlq, every_events=options.snapshot_every_events,
                                      every_seconds=options.snapshot_every_seconds)
         self._backlog = False  # more is waiting than one batch holds
@@ -205,7 +208,8 @@ class LearnLoop:
         start = time.perf_counter()
         out = learn_batch(self.state, records, embed=self._embed_ahead, dim=self.opt.dim,
                           max_event_bytes=self.opt.max_event_bytes, predict=self.predict,
-                          max_classes=self.opt.max_classes)
+                          max_classes=self.opt.max_classes, unknown_label=self.opt.unknown_label,
+                          reject=self.reject)
         report(out, self.dlq, time.perf_counter() - start)
         self.correct += out.correct
         self.predicted += out.predicted

@@ -42,6 +42,7 @@ from service.errors import CheckpointError
 from service.kafka.clients import broker_reachable
 from service.kafka.deltas import DeltaBook, DeltaRecord, assign_all, parse_record
 from service.models.exporter import Exporter
+from service.roles.exports import unknown_threshold
 from service.roles.forget_view import settled_control, settled_unknown
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class MergeOptions:
     poll_timeout_ms: int
     log_every_seconds: float
     control_topic: str = ""
+    reject_rate: float | None = None  # serving.unknown.reject_rate: threshold on the recent rows, leave-one-out
 
 
 class Merger:
@@ -218,7 +220,9 @@ class Merger:
             window = (X[:0], [])
             log.info("merged state forgot %d events since the last export: quality gate skipped",
                      counters["forgotten"] - self._forgotten_served)
-        result = self.exporter.export(head, probe=X[-64:], window=window, offsets=self.offsets())
+        rate = self.opt.reject_rate
+        unknown = unknown_threshold(head, X, labels, rate) if rate is not None and len(labels) else None
+        result = self.exporter.export(head, probe=X[-64:], window=window, offsets=self.offsets(), unknown=unknown)
         self._export_cost = result.seconds
         if result.applied and result.version is not None:
             self.model_version = result.version

@@ -78,6 +78,7 @@ class ScaleOutOptions:
     recent_rows: int
     replica_id: str
     max_classes: int | None = None  # per partition state: new labels past it are dead-lettered
+    unknown_label: str | None = None  # events with this label are never learned
 
 
 class PartitionedLearnLoop:
@@ -141,7 +142,8 @@ class PartitionedLearnLoop:
     def _learn(self, part: PartitionState, records: list[Record]) -> None:
         start = time.perf_counter()
         out = learn_batch(part.state, records, embed=self.embed, dim=self.opt.dim,
-                          max_event_bytes=self.opt.max_event_bytes, max_classes=self.opt.max_classes)
+                          max_event_bytes=self.opt.max_event_bytes, max_classes=self.opt.max_classes,
+                          unknown_label=self.opt.unknown_label)
         report(out, self.dlq, time.perf_counter() - start)
         if out.X is not None and out.learned:
             part.recent.extend(out.X, out.labels)

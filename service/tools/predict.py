@@ -21,7 +21,8 @@ def predict(addr: str, *, text: str | None, features: list[float] | None, top_k:
     """Ask the server at ``addr`` (``host:port``) for the ``top_k`` labels of one input.
 
     Exactly one of ``text`` / ``features`` must be given (``ValueError`` otherwise). Returns JSON-able
-    ``{"label", "probability", "model_version", "top": [{"label", "probability"}, ...]}``.
+    ``{"label", "probability", "unknown", "score", "model_version", "top": [{"label", "probability"}, ...]}``:
+    ``label`` is the answer (the unknown label when ``unknown``), ``top`` the in-scope labels.
     Raises ``ModelError`` (``"UNAVAILABLE: ..."``) if the call fails.
     """
     if (text is None) == (features is None):
@@ -37,7 +38,8 @@ def predict(addr: str, *, text: str | None, features: list[float] | None, top_k:
         except grpc.RpcError as exc:
             raise ModelError(f"{exc.code().name}: {exc.details()} (server {addr})") from None
     top = [{"label": p.label, "probability": round(float(p.probability), 6)} for p in response.predictions]
-    return {"label": top[0]["label"], "probability": top[0]["probability"],
+    return {"label": response.label or top[0]["label"], "probability": top[0]["probability"],
+            "unknown": response.unknown, "score": round(float(response.score), 6),
             "model_version": response.model_version, "top": top}
 
 

@@ -42,6 +42,7 @@ def model_bytes(
     seed: int = 0,
     backbone_identity: str = "test-backbone",
     readout: Readout | None = None,
+    extra_meta: dict[str, str] | None = None,
 ) -> bytes:
     """A head model as the exporter writes it, with every metadata key the contract names."""
     readout = readout or make_readout(classes, d, seed)
@@ -52,6 +53,7 @@ def model_bytes(
         "head_kind": "ridge",
         "created_at": f"{time.time():.3f}",
         "source_offsets": json.dumps({"eddy.events:0": 10 * version}),
+        **(extra_meta or {}),
     }
     return readout_to_onnx(readout, metadata=meta).SerializeToString()
 

@@ -52,7 +52,8 @@ def test_server_and_model_metadata(client: tc.InferenceServerClient) -> None:
     model = client.get_model_metadata("eddy")
     assert list(model.versions) == ["4"]
     assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [("FEATURES", "FP32", [-1, D])]
-    assert [(t.name, t.datatype) for t in model.outputs] == [("LABEL", "BYTES"), ("PROBABILITY", "FP32")]
+    assert [(t.name, t.datatype) for t in model.outputs] == [("LABEL", "BYTES"), ("PROBABILITY", "FP32"),
+                                                              ("UNKNOWN", "BOOL"), ("SCORE", "FP32")]
 
 
 def test_infer_features_top1_by_default(client: tc.InferenceServerClient) -> None:
@@ -126,7 +127,7 @@ def test_contents_instead_of_raw_bytes(slot: ModelSlot) -> None:
         response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
     labels = response.raw_output_contents[0]
     assert labels[4 : 4 + int.from_bytes(labels[:4], "little")].decode() in CLASSES
-    assert [o.name for o in response.outputs] == ["LABEL", "PROBABILITY"]
+    assert [o.name for o in response.outputs] == ["LABEL", "PROBABILITY", "UNKNOWN", "SCORE"]
 
 
 def test_infer_text_with_the_real_backbone() -> None:

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import numpy as np
@@ -112,6 +112,14 @@ def check_answer_size(classes: Sequence[str], order: np.ndarray, limit: int | No
                            f"smaller top_k")
 
 
+class Scored(NamedTuple):
+    """Probabilities ``(n, k)`` and unknown scores ``(n,)`` of a batch, and the feature rows scored."""
+
+    probs: np.ndarray
+    score: np.ndarray
+    X: np.ndarray
+
+
 @dataclass
 class Timing:
     """Filled in by a handler so ``rpc`` can record prediction latency by input kind."""
@@ -148,7 +156,15 @@ class Predictor:
         return found
 
     async def features(self, model: ServedModel, X: np.ndarray) -> np.ndarray:
-        """Probabilities for ``(n, d)`` rows, scored inline or in the default executor."""
+        """Probabilities for ``(n, d)`` rows (``scored_features`` without the scores)."""
+        return (await self.scored_features(model, X)).probs
+
+    async def texts(self, model: ServedModel, texts: Sequence[str]) -> np.ndarray:
+        """Probabilities for texts (``scored_texts`` without the scores)."""
+        return (await self.scored_texts(model, texts)).probs
+
+    async def scored_features(self, model: ServedModel, X: np.ndarray) -> Scored:
+        """Probabilities and unknown scores for ``(n, d)`` rows, scored inline or in the default executor."""
         self._check_batch(len(X))
         if X.ndim != 2 or X.shape[1] != model.n_features:
             width = X.shape[1] if X.ndim == 2 else X.size
@@ -158,8 +174,8 @@ class Predictor:
         except ValueError as exc:
             raise invalid(str(exc)) from None
 
-    async def texts(self, model: ServedModel, texts: Sequence[str]) -> np.ndarray:
-        """Probabilities for texts, embedded off the event loop.
+    async def scored_texts(self, model: ServedModel, texts: Sequence[str]) -> Scored:
+        """Probabilities and unknown scores for texts, embedded off the event loop.
 
         Concurrent text requests share encoder calls (``service/serving/grpc/coalesce.py``) unless
         ``coalesce_texts`` is off.
@@ -180,18 +196,19 @@ class Predictor:
         loop = asyncio.get_running_loop()
         try:
             if self.coalescer is None:
-                return await loop.run_in_executor(None, model.predict_texts, list(texts))
-            X = await self.coalescer.embed(model.backbone, texts)
+                X = await loop.run_in_executor(None, model.backbone.embed, list(texts))
+            else:
+                X = await self.coalescer.embed(model.backbone, texts)
             return await self._score(model, X)
         except BackboneUnavailable as exc:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         except (ValueError, ModelError) as exc:
             raise invalid(str(exc)) from None
 
-    async def _score(self, model: ServedModel, X: np.ndarray) -> np.ndarray:
+    async def _score(self, model: ServedModel, X: np.ndarray) -> Scored:
         if self.features_inline and len(X) * len(model.classes) <= INLINE_CELLS:
-            return model.predict_features(X)
-        return await asyncio.get_running_loop().run_in_executor(None, model.predict_features, X)
+            return Scored(*model.predict_scored(X), X)
+        return Scored(*await asyncio.get_running_loop().run_in_executor(None, model.predict_scored, X), X)
 
     async def answer(self, model: ServedModel, probs: np.ndarray, k: int,
                      build: Callable[[np.ndarray, np.ndarray], Resp]) -> Resp:

@@ -21,6 +21,7 @@ from service.models.served import ServedModel
 from service.serving.grpc.common import Predictor, RequestError, Timing, invalid, rpc
 from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
 from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
+from service.serving.unknown import Rejection, UnknownPolicy
 
 
 class AdminHandler(Protocol):
@@ -58,9 +59,10 @@ def _pinned(request: Any) -> int | None:
 class InferenceServicer(pb_grpc.InferenceServicer):
     """eddy.v1.Inference over the slot's current model."""
 
-    def __init__(self, predictor: Predictor, model_name: str) -> None:
+    def __init__(self, predictor: Predictor, model_name: str, rejection: Rejection | None = None) -> None:
         self.predictor = predictor
         self.model_name = model_name
+        self.rejection = rejection or Rejection(UnknownPolicy())
 
     @rpc("Predict")
     async def Predict(self, request: pb.PredictRequest, context: Any, timing: Timing) -> pb.PredictResponse:
@@ -72,17 +74,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             timing.input = "features"
             values = request.features.values  # fromiter: ~2x faster than asarray on a repeated field
             row = np.fromiter(values, np.float32, len(values))[None, :]
-            probs = await self.predictor.features(model, row)
+            scored = await self.predictor.scored_features(model, row)
+            inputs: list[str] | np.ndarray = scored.X
         elif kind == "text":
             timing.input = "text"
-            probs = await self.predictor.texts(model, [request.text])
+            inputs = [request.text]
+            scored = await self.predictor.scored_texts(model, inputs)
         else:
             raise invalid("set exactly one input: text or features")
-        def build(order: np.ndarray, top: np.ndarray) -> pb.PredictResponse:
-            return pb.PredictResponse(predictions=_predictions(model, order[0], top[0]),
-                                      model_version=model.version)
+        unknown = self.rejection.apply("eddy.v1", model, scored.probs, scored.score, inputs,
+                                       enabled=not request.keep_in_scope)
 
-        return await self.predictor.answer(model, probs, k, build)
+        def build(order: np.ndarray, top: np.ndarray) -> pb.PredictResponse:
+            return pb.PredictResponse(predictions=_predictions(model, order[0], top[0]), model_version=model.version,
+                                      label=self.rejection.label if unknown[0] else model.classes[int(order[0, 0])],
+                                      unknown=bool(unknown[0]), score=float(scored.score[0]))
+
+        return await self.predictor.answer(model, scored.probs, k, build)
 
     @rpc("PredictBatch")
     async def PredictBatch(self, request: pb.PredictBatchRequest, context: Any,
@@ -94,17 +102,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise invalid("send texts or features, not both")
         if request.features:
             timing.input = "features"
-            probs = await self.predictor.features(model, _rows(request.features, model.n_features))
+            scored = await self.predictor.scored_features(model, _rows(request.features, model.n_features))
+            inputs: list[str] | np.ndarray = scored.X
         else:
             timing.input = "text"
-            probs = await self.predictor.texts(model, list(request.texts))
+            inputs = list(request.texts)
+            scored = await self.predictor.scored_texts(model, inputs)
+        unknown = self.rejection.apply("eddy.v1", model, scored.probs, scored.score, inputs,
+                                       enabled=not request.keep_in_scope).tolist()
 
         def build(order: np.ndarray, top: np.ndarray) -> pb.PredictBatchResponse:
-            results = [pb.PredictBatchResult(predictions=_predictions(model, idx, p))
-                       for idx, p in zip(order, top, strict=True)]
+            label = self.rejection.label
+            results = [pb.PredictBatchResult(predictions=_predictions(model, idx, p),
+                                             label=label if unk else model.classes[int(idx[0])], unknown=unk,
+                                             score=s)
+                       for idx, p, unk, s in zip(order, top, unknown, scored.score.tolist(), strict=True)]
             return pb.PredictBatchResponse(results=results, model_version=model.version)
 
-        return await self.predictor.answer(model, probs, k, build)
+        return await self.predictor.answer(model, scored.probs, k, build)
 
     @rpc("ModelInfo")
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: Any,
@@ -115,18 +130,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise invalid(f"class_offset and class_limit must be >= 0, got {request.class_offset} and "
                           f"{request.class_limit}")
         budget = (self.predictor.limits.max_response_bytes or 4 << 20) - INFO_RESERVE_BYTES
+        unknown_label = self.rejection.label if self.rejection.policy.enabled else ""
         return info(model, self.model_name, offset=request.class_offset, limit=request.class_limit or None,
-                    max_bytes=budget)
+                    max_bytes=budget, unknown_label=unknown_label)
 
 
 INFO_RESERVE_BYTES = 64 * 1024  # what ModelInfo holds besides the classes (offsets, names)
 
 
-def info(model: ServedModel, model_name: str, *, offset: int = 0, limit: int | None = None,
+def info(model: ServedModel, model_name: str, *, offset: int = 0, limit: int | None = None, unknown_label: str = "",
          max_bytes: int | None = None) -> pb.ModelInfoResponse:
     """The ModelInfo answer for ``model``: classes from ``offset``, at most ``limit`` and ``max_bytes``.
 
-    At least one class is listed when any remain, so paging always advances.
+    At least one class is listed when any remain, so paging always advances. ``unknown_label``
+    empty: rejection is off on this server.
     """
     page = class_page(model.classes, offset, limit, max_bytes)
     return pb.ModelInfoResponse(
@@ -134,7 +151,8 @@ def info(model: ServedModel, model_name: str, *, offset: int = 0, limit: int | N
         feature_dim=model.n_features, accepts_text=model.backbone is not None,
         head_kind=model.head_kind, backbone_identity=model.backbone_identity,
         created_at=model.created_at, source_offsets=model.source_offsets,
-        classes_total=len(model.classes), class_offset=min(offset, len(model.classes)))
+        classes_total=len(model.classes), class_offset=min(offset, len(model.classes)),
+        unknown_threshold=model.unknown_threshold, unknown_label=unknown_label)
 
 
 def class_page(classes: Sequence[str], offset: int, limit: int | None, max_bytes: int | None) -> list[str]:

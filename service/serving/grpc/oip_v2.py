@@ -5,8 +5,11 @@ Any OIP client (``tritonclient.grpc``, KServe tooling) can use eddy as one model
 * inputs: ``TEXT`` BYTES ``[n]`` (only if this server has a backbone) or ``FEATURES`` FP32 ``[n, d]``,
   exactly one of them, sent in ``raw_input_contents`` (BYTES as 4-byte little-endian length + bytes,
   as tritonclient sends them) or in ``contents``;
-* outputs: ``LABEL`` BYTES ``[n, top_k]`` and ``PROBABILITY`` FP32 ``[n, top_k]``, most probable first,
-  always in ``raw_output_contents``; ``top_k`` is an optional request parameter (default 1);
+* outputs: ``LABEL`` BYTES ``[n, top_k]`` and ``PROBABILITY`` FP32 ``[n, top_k]``, most probable first
+  (in-scope labels), ``UNKNOWN`` BOOL ``[n]`` (rejected as out of scope: answer with the unknown
+  label) and ``SCORE`` FP32 ``[n]`` (the rejection score), always in ``raw_output_contents``;
+  ``top_k`` is an optional request parameter (default 1), ``unknown`` (bool, default true) turns
+  rejection off for the request when false;
 * the served version is ``response.model_version`` and the ``model_version`` response parameter;
 * a request naming ``model_version`` is answered by exactly that version if it is one of the
   ``serving.versions_loaded`` newest, NOT_FOUND (listing them) otherwise.
@@ -31,10 +34,12 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.models.served import ServedModel
-from service.serving.grpc.common import Predictor, RequestError, Timing, invalid, not_loaded, rpc
+from service.serving.grpc.common import Predictor, RequestError, Scored, Timing, invalid, not_loaded, rpc
+from service.serving.unknown import Rejection, UnknownPolicy
 
 TEXT, FEATURES = "TEXT", "FEATURES"
-LABEL, PROBABILITY = "LABEL", "PROBABILITY"
+LABEL, PROBABILITY, UNKNOWN, SCORE = "LABEL", "PROBABILITY", "UNKNOWN", "SCORE"
+OUTPUTS = (LABEL, PROBABILITY, UNKNOWN, SCORE)
 
 
 def server_version() -> str:
@@ -48,10 +53,11 @@ def server_version() -> str:
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     """OIP v2 over the slot's current model, published as ``model_name``."""
 
-    def __init__(self, predictor: Predictor, model_name: str) -> None:
+    def __init__(self, predictor: Predictor, model_name: str, rejection: Rejection | None = None) -> None:
         self.predictor = predictor
         self.model_name = model_name
         self.version = server_version()
+        self.rejection = rejection or Rejection(UnknownPolicy())
 
     # -- health and metadata --------------------------------------------------------------------
     @rpc("ServerLive")
@@ -109,7 +115,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         if model.backbone is not None:
             inputs.insert(0, tensor(name=TEXT, datatype="BYTES", shape=[-1]))
         outputs = [tensor(name=LABEL, datatype="BYTES", shape=[-1, -1]),
-                   tensor(name=PROBABILITY, datatype="FP32", shape=[-1, -1])]
+                   tensor(name=PROBABILITY, datatype="FP32", shape=[-1, -1]),
+                   tensor(name=UNKNOWN, datatype="BOOL", shape=[-1]),
+                   tensor(name=SCORE, datatype="FP32", shape=[-1])]
         versions = [str(v) for v in reversed(self.predictor.slot.loaded_versions())]
         return pb.ModelMetadataResponse(name=self.model_name, versions=versions,
                                         platform="onnxruntime_onnx", inputs=inputs, outputs=outputs)
@@ -118,6 +126,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Top-k labels and probabilities for a batch of texts or feature rows; ``RequestError`` if not."""
         model = self.model(request.model_name, request.model_version)
         k = self.predictor.top_k(model, _int_parameter(request.parameters, "top_k", default=1))
+        reject = _bool_parameter(request.parameters, "unknown", default=True)
         wanted = _requested_outputs(request)
         if len(request.inputs) != 1:
             names = [t.name for t in request.inputs]
@@ -128,18 +137,23 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         raw = request.raw_input_contents[0] if request.raw_input_contents else None
         if tensor.name == FEATURES:
             timing.input = "features"
-            probs = await self.predictor.features(model, _features(tensor, raw, model.n_features))
+            scored = await self.predictor.scored_features(model, _features(tensor, raw, model.n_features))
+            inputs: list[str] | np.ndarray = scored.X
         elif tensor.name == TEXT:
             timing.input = "text"
-            probs = await self.predictor.texts(model, _texts(tensor, raw))
+            inputs = _texts(tensor, raw)
+            scored = await self.predictor.scored_texts(model, inputs)
         else:
             raise invalid(f"unknown input {tensor.name!r}: expected {TEXT} (BYTES [n]) "
                           f"or {FEATURES} (FP32 [n, d])")
+        unknown = self.rejection.apply("oip_v2", model, scored.probs, scored.score, inputs, enabled=reject)
         return await self.predictor.answer(
-            model, probs, k, lambda order, top: self._response(request, model, order, top, wanted))
+            model, scored.probs, k, lambda order, top: self._response(request, model, order, top, scored, unknown,
+                                                                      wanted))
 
     def _response(self, request: pb.ModelInferRequest, model: ServedModel, order: np.ndarray, top: np.ndarray,
-                  wanted: list[str]) -> pb.ModelInferResponse:
+                  scored: Scored, unknown: np.ndarray, wanted: list[str]) -> pb.ModelInferResponse:
+        probs = scored.probs
         top = top.astype("<f4")
         k = order.shape[1]
         response = pb.ModelInferResponse(model_name=self.model_name, model_version=str(model.version),
@@ -151,9 +165,15 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 labels = [model.classes[j].encode() for j in order.ravel().tolist()]
                 raw = b"".join(struct.pack("<I", len(b)) + b for b in labels)
                 response.outputs.add(name=LABEL, datatype="BYTES", shape=shape)
-            else:
+            elif name == PROBABILITY:
                 raw = top.tobytes()
                 response.outputs.add(name=PROBABILITY, datatype="FP32", shape=shape)
+            elif name == UNKNOWN:
+                raw = np.asarray(unknown, dtype=bool).tobytes()  # BOOL: one byte per element
+                response.outputs.add(name=UNKNOWN, datatype="BOOL", shape=[len(probs)])
+            else:
+                raw = np.asarray(scored.score, dtype="<f4").tobytes()
+                response.outputs.add(name=SCORE, datatype="FP32", shape=[len(probs)])
             response.raw_output_contents.append(raw)
         return response
 
@@ -172,11 +192,23 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _requested_outputs(request: pb.ModelInferRequest) -> list[str]:
-    names = [o.name for o in request.outputs] or [LABEL, PROBABILITY]
-    unknown = sorted(set(names) - {LABEL, PROBABILITY})
+    names = [o.name for o in request.outputs] or list(OUTPUTS)
+    unknown = sorted(set(names) - set(OUTPUTS))
     if unknown:
-        raise invalid(f"unknown outputs {unknown}: expected {LABEL} and/or {PROBABILITY}")
+        raise invalid(f"unknown outputs {unknown}: expected some of {', '.join(OUTPUTS)}")
     return names
+
+
+def _bool_parameter(parameters: Any, key: str, *, default: bool) -> bool:
+    if key not in parameters:
+        return default
+    param = parameters[key]
+    kind = param.WhichOneof("parameter_choice")
+    if kind == "bool_param":
+        return bool(param.bool_param)
+    if kind == "string_param" and param.string_param.strip().lower() in ("true", "false"):
+        return param.string_param.strip().lower() == "true"
+    raise invalid(f"parameter {key!r} must be a boolean, got {kind}")
 
 
 def _int_parameter(parameters: Any, key: str, *, default: int) -> int:

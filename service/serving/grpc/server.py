@@ -32,6 +32,8 @@ from service.serving.grpc.eddy_v1 import AdminHandler, AdminServicer, InferenceS
 from service.serving.grpc.gen.eddy.v1 import inference_pb2 as eddy_pb
 from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as eddy_grpc
 from service.serving.grpc.oip_v2 import OipServicer
+from service.serving.review import ReviewQueue
+from service.serving.unknown import Rejection, UnknownPolicy
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +98,19 @@ async def start_server(slot: ModelSlot, *, host: str, port: int, model_name: str
                        admin_token: str | None, predict_token: str | None, tls_cert: Path | None,
                        tls_key: Path | None, coalesce_texts: bool = True, max_request_chars: int | None = None,
                        max_top_k: int | None = None, embed_slice_chars: int | None = None,
-                       connections: ConnectionLimits | None = None,
-                       predictor: Predictor | None = None) -> tuple[grpc.aio.Server, int]:
+                       connections: ConnectionLimits | None = None, predictor: Predictor | None = None,
+                       unknown: UnknownPolicy | None = None, review: ReviewQueue | None = None,
+                       rejection: Rejection | None = None) -> tuple[grpc.aio.Server, int]:
     """Start serving ``slot`` on ``host:port`` (0 picks a free port); return the server and bound port.
 
     ``predictor`` lets another surface (OIP v2 over HTTP/REST) share its limits and text coalescing;
     by default one is built from the per-request limits (``common.Limits``) and ``coalesce_texts``.
-    ``connections`` bounds connections (default ``ConnectionLimits()``). TLS is used iff both
-    ``tls_cert`` and ``tls_key`` are given (PEM files). Raises ``ConfigError`` if the port cannot be
-    bound or only one of the TLS files is given.
+    ``connections`` bounds connections (default ``ConnectionLimits()``). ``unknown`` (default: on,
+    ``"<unknown>"``) says how out-of-scope answers look; ``review`` gets the rejected and low-margin
+    predictions of both APIs (the caller owns and closes it); ``rejection`` (both in one, shared with
+    another surface) wins over them. TLS is used iff both ``tls_cert`` and
+    ``tls_key`` are given (PEM files). Raises ``ConfigError`` if the port cannot be bound or only one
+    of the TLS files is given.
     """
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("serving.tls_cert and serving.tls_key must be set together")
@@ -123,9 +129,10 @@ async def start_server(slot: ModelSlot, *, host: str, port: int, model_name: str
                         max_top_k=max_top_k, max_response_bytes=max_message_bytes,
                         embed_slice_chars=embed_slice_chars)
         predictor = Predictor(slot, limits, coalesce_texts=coalesce_texts)
-    eddy_grpc.add_InferenceServicer_to_server(InferenceServicer(predictor, model_name), server)
+    rejection = rejection or Rejection(unknown or UnknownPolicy(), review)
+    eddy_grpc.add_InferenceServicer_to_server(InferenceServicer(predictor, model_name, rejection), server)
     eddy_grpc.add_AdminServicer_to_server(AdminServicer(admin, loopback_only=not admin_token), server)
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(predictor, model_name), server)
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(predictor, model_name, rejection), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICE_NAMES, server)

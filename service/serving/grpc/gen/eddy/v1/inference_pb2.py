@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64\x64y/v1/inference.proto\x12\x07\x65\x64\x64y.v1\"\x1a\n\x08\x46\x65\x61tures\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x8d\x01\n\x0ePredictRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x11.eddy.v1.FeaturesH\x00\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1a\n\rmodel_version\x18\x04 \x01(\x03H\x01\x88\x01\x01\x42\x07\n\x05inputB\x10\n\x0e_model_version\"0\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"R\n\x0fPredictResponse\x12(\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x13.eddy.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\x86\x01\n\x13PredictBatchRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12#\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x11.eddy.v1.Features\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1a\n\rmodel_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x10\n\x0e_model_version\">\n\x12PredictBatchResult\x12(\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x13.eddy.v1.Prediction\"[\n\x14PredictBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.eddy.v1.PredictBatchResult\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"=\n\x10ModelInfoRequest\x12\x14\n\x0c\x63lass_offset\x18\x01 \x01(\x05\x12\x13\n\x0b\x63lass_limit\x18\x02 \x01(\x05\"\xe6\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x04 \x01(\x05\x12\x14\n\x0c\x61\x63\x63\x65pts_text\x18\x05 \x01(\x08\x12\x11\n\thead_kind\x18\x06 \x01(\t\x12\x19\n\x11\x62\x61\x63kbone_identity\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x45\n\x0esource_offsets\x18\t \x03(\x0b\x32-.eddy.v1.ModelInfoResponse.SourceOffsetsEntry\x12\x15\n\rclasses_total\x18\n \x01(\x05\x12\x14\n\x0c\x63lass_offset\x18\x0b \x01(\x05\x1a\x34\n\x12SourceOffsetsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"3\n\x0fRollbackRequest\x12\x14\n\x07version\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\n\n\x08_version\")\n\x10RollbackResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\"\x0f\n\rExportRequest\"\'\n\x0e\x45xportResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\":\n\rForgetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\x05label\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_label\"]\n\x0e\x46orgetResponse\x12\x11\n\tforgotten\x18\x01 \x01(\x03\x12\x0f\n\x07unknown\x18\x02 \x01(\x03\x12\x16\n\x0ememory_removed\x18\x03 \x01(\x03\x12\x0f\n\x07partial\x18\x04 \x01(\x08\x32\xda\x01\n\tInference\x12<\n\x07Predict\x12\x17.eddy.v1.PredictRequest\x1a\x18.eddy.v1.PredictResponse\x12K\n\x0cPredictBatch\x12\x1c.eddy.v1.PredictBatchRequest\x1a\x1d.eddy.v1.PredictBatchResponse\x12\x42\n\tModelInfo\x12\x19.eddy.v1.ModelInfoRequest\x1a\x1a.eddy.v1.ModelInfoResponse2\xbe\x01\n\x05\x41\x64min\x12?\n\x08Rollback\x12\x18.eddy.v1.RollbackRequest\x1a\x19.eddy.v1.RollbackResponse\x12\x39\n\x06\x45xport\x12\x16.eddy.v1.ExportRequest\x1a\x17.eddy.v1.ExportResponse\x12\x39\n\x06\x46orget\x12\x16.eddy.v1.ForgetRequest\x1a\x17.eddy.v1.ForgetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64\x64y/v1/inference.proto\x12\x07\x65\x64\x64y.v1\"\x1a\n\x08\x46\x65\x61tures\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xa4\x01\n\x0ePredictRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x11.eddy.v1.FeaturesH\x00\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1a\n\rmodel_version\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x15\n\rkeep_in_scope\x18\x05 \x01(\x08\x42\x07\n\x05inputB\x10\n\x0e_model_version\"0\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\x81\x01\n\x0fPredictResponse\x12(\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x13.eddy.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0f\n\x07unknown\x18\x04 \x01(\x08\x12\r\n\x05score\x18\x05 \x01(\x02\"\x9d\x01\n\x13PredictBatchRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12#\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x11.eddy.v1.Features\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1a\n\rmodel_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\rkeep_in_scope\x18\x05 \x01(\x08\x42\x10\n\x0e_model_version\"m\n\x12PredictBatchResult\x12(\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x13.eddy.v1.Prediction\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0f\n\x07unknown\x18\x03 \x01(\x08\x12\r\n\x05score\x18\x04 \x01(\x02\"[\n\x14PredictBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.eddy.v1.PredictBatchResult\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"=\n\x10ModelInfoRequest\x12\x14\n\x0c\x63lass_offset\x18\x01 \x01(\x05\x12\x13\n\x0b\x63lass_limit\x18\x02 \x01(\x05\"\xb3\x03\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x04 \x01(\x05\x12\x14\n\x0c\x61\x63\x63\x65pts_text\x18\x05 \x01(\x08\x12\x11\n\thead_kind\x18\x06 \x01(\t\x12\x19\n\x11\x62\x61\x63kbone_identity\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x45\n\x0esource_offsets\x18\t \x03(\x0b\x32-.eddy.v1.ModelInfoResponse.SourceOffsetsEntry\x12\x15\n\rclasses_total\x18\n \x01(\x05\x12\x14\n\x0c\x63lass_offset\x18\x0b \x01(\x05\x12\x1e\n\x11unknown_threshold\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\x15\n\runknown_label\x18\r \x01(\t\x1a\x34\n\x12SourceOffsetsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x14\n\x12_unknown_threshold\"3\n\x0fRollbackRequest\x12\x14\n\x07version\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\n\n\x08_version\")\n\x10RollbackResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\"\x0f\n\rExportRequest\"\'\n\x0e\x45xportResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\":\n\rForgetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\x05label\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_label\"]\n\x0e\x46orgetResponse\x12\x11\n\tforgotten\x18\x01 \x01(\x03\x12\x0f\n\x07unknown\x18\x02 \x01(\x03\x12\x16\n\x0ememory_removed\x18\x03 \x01(\x03\x12\x0f\n\x07partial\x18\x04 \x01(\x08\x32\xda\x01\n\tInference\x12<\n\x07Predict\x12\x17.eddy.v1.PredictRequest\x1a\x18.eddy.v1.PredictResponse\x12K\n\x0cPredictBatch\x12\x1c.eddy.v1.PredictBatchRequest\x1a\x1d.eddy.v1.PredictBatchResponse\x12\x42\n\tModelInfo\x12\x19.eddy.v1.ModelInfoRequest\x1a\x1a.eddy.v1.ModelInfoResponse2\xbe\x01\n\x05\x41\x64min\x12?\n\x08Rollback\x12\x18.eddy.v1.RollbackRequest\x1a\x19.eddy.v1.RollbackResponse\x12\x39\n\x06\x45xport\x12\x16.eddy.v1.ExportRequest\x1a\x17.eddy.v1.ExportResponse\x12\x39\n\x06\x46orget\x12\x16.eddy.v1.ForgetRequest\x1a\x17.eddy.v1.ForgetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,37 +36,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEATURES']._serialized_start=36
   _globals['_FEATURES']._serialized_end=62
   _globals['_PREDICTREQUEST']._serialized_start=65
-  _globals['_PREDICTREQUEST']._serialized_end=206
-  _globals['_PREDICTION']._serialized_start=208
-  _globals['_PREDICTION']._serialized_end=256
-  _globals['_PREDICTRESPONSE']._serialized_start=258
-  _globals['_PREDICTRESPONSE']._serialized_end=340
-  _globals['_PREDICTBATCHREQUEST']._serialized_start=343
-  _globals['_PREDICTBATCHREQUEST']._serialized_end=477
-  _globals['_PREDICTBATCHRESULT']._serialized_start=479
-  _globals['_PREDICTBATCHRESULT']._serialized_end=541
-  _globals['_PREDICTBATCHRESPONSE']._serialized_start=543
-  _globals['_PREDICTBATCHRESPONSE']._serialized_end=634
-  _globals['_MODELINFOREQUEST']._serialized_start=636
-  _globals['_MODELINFOREQUEST']._serialized_end=697
-  _globals['_MODELINFORESPONSE']._serialized_start=700
-  _globals['_MODELINFORESPONSE']._serialized_end=1058
-  _globals['_MODELINFORESPONSE_SOURCEOFFSETSENTRY']._serialized_start=1006
-  _globals['_MODELINFORESPONSE_SOURCEOFFSETSENTRY']._serialized_end=1058
-  _globals['_ROLLBACKREQUEST']._serialized_start=1060
-  _globals['_ROLLBACKREQUEST']._serialized_end=1111
-  _globals['_ROLLBACKRESPONSE']._serialized_start=1113
-  _globals['_ROLLBACKRESPONSE']._serialized_end=1154
-  _globals['_EXPORTREQUEST']._serialized_start=1156
-  _globals['_EXPORTREQUEST']._serialized_end=1171
-  _globals['_EXPORTRESPONSE']._serialized_start=1173
-  _globals['_EXPORTRESPONSE']._serialized_end=1212
-  _globals['_FORGETREQUEST']._serialized_start=1214
-  _globals['_FORGETREQUEST']._serialized_end=1272
-  _globals['_FORGETRESPONSE']._serialized_start=1274
-  _globals['_FORGETRESPONSE']._serialized_end=1367
-  _globals['_INFERENCE']._serialized_start=1370
-  _globals['_INFERENCE']._serialized_end=1588
-  _globals['_ADMIN']._serialized_start=1591
-  _globals['_ADMIN']._serialized_end=1781
+  _globals['_PREDICTREQUEST']._serialized_end=229
+  _globals['_PREDICTION']._serialized_start=231
+  _globals['_PREDICTION']._serialized_end=279
+  _globals['_PREDICTRESPONSE']._serialized_start=282
+  _globals['_PREDICTRESPONSE']._serialized_end=411
+  _globals['_PREDICTBATCHREQUEST']._serialized_start=414
+  _globals['_PREDICTBATCHREQUEST']._serialized_end=571
+  _globals['_PREDICTBATCHRESULT']._serialized_start=573
+  _globals['_PREDICTBATCHRESULT']._serialized_end=682
+  _globals['_PREDICTBATCHRESPONSE']._serialized_start=684
+  _globals['_PREDICTBATCHRESPONSE']._serialized_end=775
+  _globals['_MODELINFOREQUEST']._serialized_start=777
+  _globals['_MODELINFOREQUEST']._serialized_end=838
+  _globals['_MODELINFORESPONSE']._serialized_start=841
+  _globals['_MODELINFORESPONSE']._serialized_end=1276
+  _globals['_MODELINFORESPONSE_SOURCEOFFSETSENTRY']._serialized_start=1202
+  _globals['_MODELINFORESPONSE_SOURCEOFFSETSENTRY']._serialized_end=1254
+  _globals['_ROLLBACKREQUEST']._serialized_start=1278
+  _globals['_ROLLBACKREQUEST']._serialized_end=1329
+  _globals['_ROLLBACKRESPONSE']._serialized_start=1331
+  _globals['_ROLLBACKRESPONSE']._serialized_end=1372
+  _globals['_EXPORTREQUEST']._serialized_start=1374
+  _globals['_EXPORTREQUEST']._serialized_end=1389
+  _globals['_EXPORTRESPONSE']._serialized_start=1391
+  _globals['_EXPORTRESPONSE']._serialized_end=1430
+  _globals['_FORGETREQUEST']._serialized_start=1432
+  _globals['_FORGETREQUEST']._serialized_end=1490
+  _globals['_FORGETRESPONSE']._serialized_start=1492
+  _globals['_FORGETRESPONSE']._serialized_end=1585
+  _globals['_INFERENCE']._serialized_start=1588
+  _globals['_INFERENCE']._serialized_end=1806
+  _globals['_ADMIN']._serialized_start=1809
+  _globals['_ADMIN']._serialized_end=1999
 # @@protoc_insertion_point(module_scope)

@@ -13,16 +13,18 @@ class Features(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("text", "features", "top_k", "model_version")
+    __slots__ = ("text", "features", "top_k", "model_version", "keep_in_scope")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEEP_IN_SCOPE_FIELD_NUMBER: _ClassVar[int]
     text: str
     features: Features
     top_k: int
     model_version: int
-    def __init__(self, text: _Optional[str] = ..., features: _Optional[_Union[Features, _Mapping]] = ..., top_k: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
+    keep_in_scope: bool
+    def __init__(self, text: _Optional[str] = ..., features: _Optional[_Union[Features, _Mapping]] = ..., top_k: _Optional[int] = ..., model_version: _Optional[int] = ..., keep_in_scope: _Optional[bool] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "probability")
@@ -33,30 +35,44 @@ class Prediction(_message.Message):
     def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("predictions", "model_version")
+    __slots__ = ("predictions", "model_version", "label", "unknown", "score")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     model_version: int
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+    label: str
+    unknown: bool
+    score: float
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model_version: _Optional[int] = ..., label: _Optional[str] = ..., unknown: _Optional[bool] = ..., score: _Optional[float] = ...) -> None: ...
 
 class PredictBatchRequest(_message.Message):
-    __slots__ = ("texts", "features", "top_k", "model_version")
+    __slots__ = ("texts", "features", "top_k", "model_version", "keep_in_scope")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEEP_IN_SCOPE_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     features: _containers.RepeatedCompositeFieldContainer[Features]
     top_k: int
     model_version: int
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., features: _Optional[_Iterable[_Union[Features, _Mapping]]] = ..., top_k: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
+    keep_in_scope: bool
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., features: _Optional[_Iterable[_Union[Features, _Mapping]]] = ..., top_k: _Optional[int] = ..., model_version: _Optional[int] = ..., keep_in_scope: _Optional[bool] = ...) -> None: ...
 
 class PredictBatchResult(_message.Message):
-    __slots__ = ("predictions",)
+    __slots__ = ("predictions", "label", "unknown", "score")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...) -> None: ...
+    label: str
+    unknown: bool
+    score: float
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., label: _Optional[str] = ..., unknown: _Optional[bool] = ..., score: _Optional[float] = ...) -> None: ...
 
 class PredictBatchResponse(_message.Message):
     __slots__ = ("results", "model_version")
@@ -75,7 +91,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, class_offset: _Optional[int] = ..., class_limit: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "classes", "feature_dim", "accepts_text", "head_kind", "backbone_identity", "created_at", "source_offsets", "classes_total", "class_offset")
+    __slots__ = ("model_name", "model_version", "classes", "feature_dim", "accepts_text", "head_kind", "backbone_identity", "created_at", "source_offsets", "classes_total", "class_offset", "unknown_threshold", "unknown_label")
     class SourceOffsetsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +110,8 @@ class ModelInfoResponse(_message.Message):
     SOURCE_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CLASS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_LABEL_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: int
     classes: _containers.RepeatedScalarFieldContainer[str]
@@ -105,7 +123,9 @@ class ModelInfoResponse(_message.Message):
     source_offsets: _containers.ScalarMap[str, int]
     classes_total: int
     class_offset: int
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., feature_dim: _Optional[int] = ..., accepts_text: _Optional[bool] = ..., head_kind: _Optional[str] = ..., backbone_identity: _Optional[str] = ..., created_at: _Optional[float] = ..., source_offsets: _Optional[_Mapping[str, int]] = ..., classes_total: _Optional[int] = ..., class_offset: _Optional[int] = ...) -> None: ...
+    unknown_threshold: float
+    unknown_label: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., feature_dim: _Optional[int] = ..., accepts_text: _Optional[bool] = ..., head_kind: _Optional[str] = ..., backbone_identity: _Optional[str] = ..., created_at: _Optional[float] = ..., source_offsets: _Optional[_Mapping[str, int]] = ..., classes_total: _Optional[int] = ..., class_offset: _Optional[int] = ..., unknown_threshold: _Optional[float] = ..., unknown_label: _Optional[str] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("version",)
