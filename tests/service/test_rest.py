@@ -57,7 +57,7 @@ def test_health_metadata_and_ready(urls: tuple[str, str]) -> None:
     status, model = call(f"{http}/v2/models/eddy")
     assert status == 200 and model["versions"] == ["4"]
     assert model["inputs"] == [{"name": "FEATURES", "datatype": "FP32", "shape": [-1, D]}]
-    assert [o["name"] for o in model["outputs"]] == ["LABEL", "PROBABILITY"]
+    assert [o["name"] for o in model["outputs"]] == ["LABEL", "PROBABILITY", "UNKNOWN", "SCORE"]
 
 
 def test_json_infer_as_curl_sends_it(urls: tuple[str, str]) -> None:

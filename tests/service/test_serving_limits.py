@@ -74,7 +74,7 @@ def test_oip_top_k_is_capped_too(channel: grpc.Channel) -> None:
     request.inputs.add(name="FEATURES", datatype="FP32", shape=[2, D])
     request.parameters["top_k"].int64_param = 10**12
     reply = stub.ModelInfer(request, timeout=10)
-    assert [list(o.shape) for o in reply.outputs] == [[2, 50], [2, 50]]
+    assert [list(o.shape) for o in reply.outputs] == [[2, 50], [2, 50], [2], [2]]  # LABEL, PROBABILITY, UNKNOWN, SCORE
 
 
 def test_an_answer_too_big_to_send_is_refused_quickly_before_it_is_built(channel: grpc.Channel) -> None:
