@@ -113,10 +113,10 @@ def profile(records: list[Any], warm: int) -> dict[str, float]:
 
     timer = Timer()
     real_decode = batch.decode
-    batch.decode = timer.wrap("decode", real_decode)  # type: ignore[assignment]
-    state.head.learn_many = timer.wrap("head", state.head.learn_many)  # type: ignore[method-assign]
+    batch.decode = timer.wrap("decode", real_decode)
+    state.head.learn_many = timer.wrap("head", state.head.learn_many)
     assert state.memory is not None
-    state.memory.add = timer.wrap("memory", state.memory.add)  # type: ignore[method-assign]
+    state.memory.add = timer.wrap("memory", state.memory.add)
     timed_predict = timer.wrap("predict", predict)
     t0 = time.perf_counter()
     try:
@@ -124,7 +124,7 @@ def profile(records: list[Any], warm: int) -> dict[str, float]:
             batch.learn_batch(state, records[i:i + BATCH], embed=None, dim=DIM,
                               max_event_bytes=s.kafka.max_event_bytes, predict=timed_predict)
     finally:
-        batch.decode = real_decode  # type: ignore[assignment]
+        batch.decode = real_decode
     total = time.perf_counter() - t0
     n = len(records) - warm
     us = {k: 1e6 * v / n for k, v in timer.seconds.items()}

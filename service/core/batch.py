@@ -12,10 +12,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from learner.heads.stats import ExactHead
 from service import metrics
 from service.core.events import Event, decode
 from service.core.state import LearnerState
@@ -25,6 +26,33 @@ log = logging.getLogger(__name__)
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 Predict = Callable[[np.ndarray], tuple[np.ndarray, Sequence[str]]]
+
+
+class HeadUpdates(Protocol):
+    """How ``learn_batch`` applies a batch to the head: now (``LearnNow``), or started on a worker.
+
+    ``settle()`` returns once every update started so far is in the head (so its ``classes_`` and
+    statistics may be read); ``start(head, X, labels)`` begins ``head.learn_many(X, labels)``,
+    updates applying in the order they were started.
+    """
+
+    def settle(self) -> None: ...  # noqa: D102
+
+    def start(self, head: ExactHead, X: np.ndarray, labels: list[str]) -> None: ...  # noqa: D102
+
+
+class LearnNow:
+    """``HeadUpdates`` on the calling thread: ``start`` learns at once, ``settle`` has nothing to wait for."""
+
+    def settle(self) -> None:
+        """Nothing is ever in flight."""
+
+    def start(self, head: ExactHead, X: np.ndarray, labels: list[str]) -> None:
+        """``head.learn_many(X, labels)``, now."""
+        head.learn_many(X, labels)
+
+
+LEARN_NOW = LearnNow()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +110,17 @@ def tp_key(topic: str, partition: int) -> str:
 
 
 def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed | None, dim: int,
-                max_event_bytes: int, predict: Predict | None = None) -> BatchOutcome:
+                max_event_bytes: int, predict: Predict | None = None,
+                head_updates: HeadUpdates = LEARN_NOW) -> BatchOutcome:
     """Learn every good event in ``records``; return dead letters and counts.
 
     ``embed`` turns texts into ``(n, dim)`` float32 rows (None: text events are dead-lettered).
     ``predict``, if given, scores the events before they are learned (prequential accuracy); its
     mistakes go to ``state.errors`` when the state has an error memory.
+    ``head_updates`` applies the batch to the head: by default now; the learn loop passes one that
+    runs it on a worker thread (``service.roles.head_ahead``), so on return the head may still be
+    learning this batch while everything else in the state (offsets, memory, id window, counters)
+    already holds it: call its ``settle()`` before reading the head.
     Never raises for a bad record. Raises ``BackboneUnavailable`` (from ``embed``) before changing
     ``state``, so the caller can stop without counting the batch.
     """
@@ -115,7 +148,7 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
     X, kept = _features(events, embed, dim, out)  # may raise BackboneUnavailable: the state is untouched
     state.offsets.update(offsets)
     if kept:
-        _learn(state, X, kept, out, predict)
+        _learn(state, X, kept, out, predict, head_updates)
     state.counters.learned += out.learned
     state.counters.duplicates += out.duplicates
     state.counters.dead_lettered += len(out.dead_letters)
@@ -185,7 +218,8 @@ def checked_embeddings(X: Any, n: int, dim: int) -> np.ndarray:
 
 
 def _learn(state: LearnerState, X: np.ndarray, kept: list[tuple[Record, Event]], out: BatchOutcome,
-           predict: Predict | None) -> None:
+           predict: Predict | None, head_updates: HeadUpdates) -> None:
+    """Score (served model), start the head's update, then the memory and the id window while it runs."""
     labels = [ev.label for _, ev in kept]
     if predict is not None:
         probs, classes = predict(X)
@@ -195,9 +229,10 @@ def _learn(state: LearnerState, X: np.ndarray, kept: list[tuple[Record, Event]],
             out.predicted = len(labels)
             if state.errors is not None:  # ReLoop2: what the served model got wrong, for compensation
                 state.errors.add_mistakes(X, labels, guesses.tolist())
+    head_updates.settle()  # the previous batch's update: classes_ is read next
     known = set(state.head.classes_)
     out.new_classes = list(dict.fromkeys(label for label in labels if label not in known))
-    state.head.learn_many(X, labels)
+    head_updates.start(state.head, X, labels)
     ids = [ev.id for _, ev in kept]
     if state.memory is not None:
         state.memory.add(

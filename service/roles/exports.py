@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -59,12 +60,15 @@ class ExportScheduler:
 
     Used from the learner thread only: ``note_learned``/``note_forgotten`` mark the head changed,
     ``maybe_export`` starts an export when one is due and affordable, ``collect`` applies a finished
-    one. ``exporter`` None (a learner that only snapshots) never exports.
+    one. ``exporter`` None (a learner that only snapshots) never exports. ``settle`` is called before
+    the head is read or changed here (the learn loop's head updates may run on a worker thread).
     """
 
-    def __init__(self, exporter: Exporter | None, policy: ExportPolicy) -> None:
+    def __init__(self, exporter: Exporter | None, policy: ExportPolicy,
+                 settle: Callable[[], None] = lambda: None) -> None:
         self.exporter = exporter
         self.policy = policy
+        self.settle = settle
         self.paused = False  # set by a rollback: keep serving it until an explicit export
         self.changed = False
         self.urgent = False  # a new class or a forget: export as soon as the budget allows
@@ -114,6 +118,7 @@ class ExportScheduler:
         if refit:
             self._last_gcv = time.monotonic()
         X, labels = recent.rows()
+        self.settle()
         job = ExportJob(copy.deepcopy(state.head), X, labels, dict(state.offsets), self.pending_since, refit,
                         compensation=Compensator.freeze(state.errors) if state.errors is not None else None,
                         calibration=self._calibration_sample(state) if refit else None)
@@ -160,6 +165,7 @@ class ExportScheduler:
             log.exception("export failed; the served model is unchanged")
             self.changed = True
             return None
+        self.settle()
         state.head.adopt_choices(job.head)
         if not result.applied or result.version is None:
             return None

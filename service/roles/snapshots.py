@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -29,11 +30,14 @@ class Snapshotter:
 
     ``every_events``/``every_seconds`` bound the work a crash replays. ``dlq`` is flushed before
     each capture: a snapshot never covers an event whose dead letter could still be lost.
+    ``settle`` is called before each capture: the head then holds every batch the offsets cover
+    (the learn loop's head updates may run on a worker thread).
     """
 
     def __init__(self, store: SnapshotStore, consumer: KafkaConsumer, dlq: DeadLetterWriter, *,
-                 every_events: int, every_seconds: float) -> None:
+                 every_events: int, every_seconds: float, settle: Callable[[], None] = lambda: None) -> None:
         self.store = store
+        self.settle = settle
         self.consumer = consumer
         self.dlq = dlq
         self.every_events = every_events
@@ -66,6 +70,7 @@ class Snapshotter:
         self.collect(wait=True)
         start = time.perf_counter()
         self.dlq.flush()
+        self.settle()
         captured = state.state_dict()  # copies: learning goes on while they are written
         self._last, self.since = time.monotonic(), 0
         self._offsets = dict(state.offsets) if commit else None

@@ -269,3 +269,43 @@ def test_a_rebuild_built_on_another_thread_sees_changes_made_meanwhile(
     stale = m.start_rebuild()
     m.load_state_dict(m.state_dict())
     assert not m.finish_rebuild(stale)  # the index it was built from is gone
+
+
+@pytest.mark.parametrize("recency_weight", [0.0, 1.0])
+def test_batched_admission_follows_the_reservoir_policy(recency_weight: float) -> None:
+    """Whole batches at their targets take the vectorised path with the one-by-one distribution.
+
+    Uniform reservoir (w = 0): every event of a class is kept with probability target / seen,
+    wherever it came in the stream. w = 1 keeps every event on arrival, then each later kept
+    event of the class displaces a stored one with probability 1 / target: an event survives
+    the ``k`` later events of its class with probability ``(1 - 1/target)**k``.
+    """
+    seeds, per_class, target, batch = 200, 200, 20, 100
+    labels = ["a", "b"] * per_class
+    kept = np.zeros(len(labels))
+    steady_calls = 0
+    for seed in range(seeds):
+        m = ReplayMemory(4, max_items=2 * target, seed=seed, recency_weight=recency_weight, use_gpu="never")
+        real = m._offer_steady
+
+        def counted(*args: object, real: object = real) -> None:
+            nonlocal steady_calls
+            steady_calls += 1
+            real(*args)  # type: ignore[operator]
+
+        m._offer_steady = counted  # type: ignore[method-assign]
+        X = unit(np.random.default_rng(seed), len(labels), 4)
+        for s in range(0, len(labels), batch):
+            m.add(X[s:s + batch], labels[s:s + batch], [f"e{i}" for i in range(s, s + batch)])
+        assert m.counts() == {"a": target, "b": target}
+        kept[[int(e[1:]) for e in m.all()[2]]] += 1
+    assert steady_calls == seeds * (len(labels) // batch - 1)  # all but the first batch
+    p = kept / seeds
+    if recency_weight == 0.0:
+        want = np.full(len(labels), target / per_class)
+    else:
+        later = np.arange(len(labels))[::-1] // 2  # later events of the same class
+        want = (1 - 1 / target) ** later
+    # Per stretch of 40 events (20 per class): 8,000 trials, so a standard error of <= 0.006.
+    for s in range(0, len(labels), 40):
+        assert abs(p[s:s + 40].mean() - want[s:s + 40].mean()) < 0.025, (s, p[s:s + 40].mean(), want[s:s + 40].mean())
