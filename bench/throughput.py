@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import tempfile
 import time
@@ -48,7 +49,8 @@ from bench.peers import RIVER_METHODS  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 CACHE = REPO / ".eddy" / "cache"
-BANKING77 = REPO.parent / "shared" / "data" / "banking77"
+# A git worktree lives elsewhere than the data beside the main checkout: EDDY_BANKING77_DIR points at it.
+BANKING77 = Path(os.environ.get("EDDY_BANKING77_DIR", REPO.parent / "shared" / "data" / "banking77"))
 DAEMON_BATCH = 512  # kafka.batch_max_events default
 LEARNED = 'eddy_events_total{result="learned"}'
 # The daemon's own histograms (service/metrics.py): where its time goes, whole run including start-up.
@@ -379,8 +381,6 @@ def features_part(bootstrap: str, rounds: int, per_round: int) -> dict[str, Any]
       on top of Kafka when its head costs next to nothing);
     - context: ``head_alone_vs_consume_ratio`` and the default daemon / bare consume.
     """
-    import os
-
     from learner.heads import make_head
     from service.core.events import encode
 
