@@ -155,10 +155,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warm", type=int, default=4_096, help="events learned before timing (memory fills)")
     parser.add_argument("--bootstrap", default=os.environ.get("EDDY_TEST_BOOTSTRAP", "127.0.0.1:19092"))
     parser.add_argument("--rounds", type=int, default=2, help="alternating serial / pipelined rounds")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="sys.setswitchinterval for the run (the daemon's GIL hand-over period)")
     parser.add_argument("--label", default="", help="a name for this run in the JSON")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "learner_profile.json")
     args = parser.parse_args(argv)
     limit_blas_threads(1)  # the daemon's head.blas_threads default
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     from bench.throughput import produce
     from service.core.batch import Record
     from service.core.events import encode
