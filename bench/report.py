@@ -233,11 +233,13 @@ def _throughput(doc: dict[str, Any]) -> list[str]:
         raws, heads = feats["raw_consume_messages_per_s"], feats["head_alone_events_per_s"]
         ratios = feats["round_ratios"]
         rows = [[f"round {i + 1}", f"{_fmt(raws[i])} / {_fmt(raws[i + 1])}", f"{_fmt(heads[i])} / {_fmt(heads[i + 1])}",
-                 _fmt(d["events_per_s"]), _fmt(ratios["default_vs_head_alone"][i], 2),
-                 _fmt(lean["events_per_s"]), _fmt(ratios["lean_vs_consume"][i], 2)]
+                 f"{d['events_per_s']:,.0f}", _fmt(ratios["default_vs_head_alone"][i], 2),
+                 f"{lean['events_per_s']:,.0f}", _fmt(ratios["lean_vs_consume"][i], 2),
+                 f"{feats['load_average_per_round'][i][0]:.1f}"]
                 for i, (d, lean) in enumerate(zip(feats["daemon"]["default"], feats["daemon"]["lean"], strict=True))]
         out.append(table(["round", "raw consume msgs/s (before / after)", "head alone events/s (before / after)",
-                          "daemon default events/s", "/ head alone", "daemon lean events/s", "/ consume"], rows))
+                          "daemon default events/s", "/ head alone", "daemon lean events/s", "/ consume",
+                          "load average"], rows))
         out.append(f"\nMedians: default daemon / head alone {_fmt(feats['features_e2e_vs_head_alone_ratio'], 2)}, "
                    f"lean daemon / bare consume {_fmt(feats['features_e2e_lean_json_vs_consume_ratio'], 2)}; for "
                    f"context, the head alone / bare consume {_fmt(feats['head_alone_vs_consume_ratio'], 2)} and the "
