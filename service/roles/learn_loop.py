@@ -97,10 +97,8 @@ class LearnLoop:
         self.opt = options
         self.predict = predict
         self.recent = RecentRows(options.holdout_size, options.dim)
-        self.exports = ExportScheduler(exporter, ExportPolicy(options.export_every_events,
-                                                              options.export_every_seconds,
-                                                              options.gcv_every_seconds),
-                                      settle=self._head.settle)
+        policy = ExportPolicy(options.export_every_events, options.export_every_seconds, options.gcv_every_seconds)
+        self.exports = ExportScheduler(exporter, policy, settle=self._head.settle)
         self.snapshots = Snapshotter(store, consumer, dlq, every_events=options.snapshot_every_events,
                                      every_seconds=options.snapshot_every_seconds, settle=self._head.settle)
         self._backlog = False  # more is waiting than one batch holds
@@ -120,9 +118,8 @@ class LearnLoop:
         return future
 
     def _run_tasks(self) -> None:
-        if not self._tasks.empty():
-            self._head.settle()  # admin calls may read the head
         while not self._tasks.empty():
+            self._head.settle()  # admin calls may read the head
             fn, future = self._tasks.get_nowait()
             try:
                 future.set_result(fn())
@@ -223,8 +220,7 @@ class LearnLoop:
     def _learn(self, records: list[Record]) -> None:
         start = time.perf_counter()
         out = learn_batch(self.state, records, embed=self._embed_ahead, dim=self.opt.dim,
-                          max_event_bytes=self.opt.max_event_bytes, predict=self.predict,
-                          head_updates=self._head)
+                          max_event_bytes=self.opt.max_event_bytes, predict=self.predict, head_updates=self._head)
         report(out, self.dlq, time.perf_counter() - start)
         self.correct += out.correct
         self.predicted += out.predicted
@@ -300,14 +296,11 @@ class LearnLoop:
 
     def seek_to_state(self, partitions: list[TopicPartition]) -> None:
         """Position assigned partitions at the offsets the state covers (or the beginning)."""
-        fresh = []
-        for tp in partitions:
-            nxt = self.state.offsets.get(tp_key(tp.topic, tp.partition))
-            if nxt is None:
-                fresh.append(tp)
-            else:
+        known = {tp: self.state.offsets.get(tp_key(tp.topic, tp.partition)) for tp in partitions}
+        for tp, nxt in known.items():
+            if nxt is not None:
                 self.consumer.seek(tp, nxt)
-        if fresh:
+        if fresh := [tp for tp, nxt in known.items() if nxt is None]:
             self.consumer.seek_to_beginning(*fresh)
 
     # -- observability -----------------------------------------------------------------------
