@@ -24,6 +24,8 @@ README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
 NAMES = ("accuracy", "throughput", "footprint", "heads", "backbone", "memory", "export", "serving",
          "heads_banking77", "grpc_latency")
 Results = dict[str, dict[str, Any]]
+HEADLINE_RATIOS = ("ridge_vs_river_learn_ratio", "text_e2e_vs_backbone_ratio", "features_e2e_vs_head_alone_ratio",
+                   "features_e2e_lean_json_vs_consume_ratio")
 
 DEFINITIONS = {
     "ridge_vs_river_learn_ratio": "eddy ridge M=2048 (default head) learn events/s on 384-d features / "
@@ -31,13 +33,15 @@ DEFINITIONS = {
     "text_e2e_vs_backbone_ratio": "daemon text events/s through Kafka (first learned batch -> next-to-last) / bare "
                                   "backbone sentences/s on the same texts in the daemon's calls of 512; "
                                   "median of rounds alternating reference and daemon",
-    "features_e2e_vs_consume_ratio": "daemon (default config) feature events/s through Kafka, JSON arrays / bare "
-                                     "kafka-python consume messages/s of the same messages; median of rounds",
-    "features_e2e_vs_head_alone_ratio": "the same daemon rate / the default head learning the same features in "
-                                        "process with no Kafka (what the daemon adds over its head's math)",
-    "features_head_alone_vs_consume_ratio": "default head alone / bare consume: the most the key can reach here",
-    "features_e2e_lean_*_vs_consume_ratio": "ridge M=0, no replay memory, no compensation: the daemon where its "
-                                            "head costs next to nothing (JSON arrays / base64 float32)",
+    "features_e2e_vs_head_alone_ratio": "daemon (default config) feature events/s through Kafka, JSON arrays, 50 "
+                                        "classes / its default head (ridge M=2048) learning the same features in "
+                                        "process with no Kafka: what the daemon adds over its head's math; median "
+                                        "of alternating rounds",
+    "features_e2e_lean_json_vs_consume_ratio": "daemon with a lean head (ridge M=0, no replay memory, no "
+                                               "compensation) feature events/s / bare kafka-python consume "
+                                               "messages/s of the same messages; median of alternating rounds",
+    "features_head_alone_vs_consume_ratio": "default head alone / bare consume (context: the head's math, not "
+                                            "Kafka, bounds the default daemon on this machine)",
     "banking77_*_final_accuracy": "test accuracy after streaming, class-incremental order, mean over seeds; "
                                   "eddy: full stream; River: the River-budget subsample (best River method)",
     "banking77_*_prequential_accuracy": "test-then-train accuracy in batches of 256, random order, mean over "
@@ -78,17 +82,11 @@ def _best(rows: list[dict[str, Any]], group: str, metric: str) -> tuple[str | No
 def summarize(results: Results) -> dict[str, Any]:
     """The headline numbers (``None`` where the benchmark behind one did not run)."""
     ratios = results.get("throughput", {}).get("ratios", {})
-    s: dict[str, Any] = {k: ratios.get(k) for k in ("ridge_vs_river_learn_ratio", "text_e2e_vs_backbone_ratio",
-                                                    "features_e2e_vs_consume_ratio")}
+    s: dict[str, Any] = {k: ratios.get(k) for k in HEADLINE_RATIOS}
     s["ridge_M0_vs_river_learn_ratio"] = results.get("throughput", {}).get("learn", {}).get(
         "ridge_M0_vs_river_learn_ratio")
     feats = results.get("throughput", {}).get("features", {})
-    s["features_e2e_vs_head_alone_ratio"] = feats.get("features_e2e_vs_head_alone_ratio")
     s["features_head_alone_vs_consume_ratio"] = feats.get("head_alone_vs_consume_ratio")
-    for name, v in feats.get("variants", {}).items():
-        if name.startswith("lean"):
-            key = "base64" if v.get("base64_features") else "json"
-            s[f"features_e2e_lean_{key}_vs_consume_ratio"] = v.get("e2e_vs_consume_ratio")
     ci_full, rnd_full = _agg(results, "banking77", "full", "class-incremental"), _agg(results, "banking77", "full",
                                                                                        "random")
     ci_bud = _agg(results, "banking77", "river-budget", "class-incremental")
@@ -141,7 +139,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def _headline(results: Results, summary: dict[str, Any]) -> str:
     targets = results.get("throughput", {}).get("targets", {})
     rows = []
-    for key in ("ridge_vs_river_learn_ratio", "text_e2e_vs_backbone_ratio", "features_e2e_vs_consume_ratio"):
+    for key in HEADLINE_RATIOS:
         value, target = summary.get(key), targets.get(key)
         met = "-" if value is None or target is None else ("yes" if value >= target else "**no**")
         rows.append([f"`{key}`", _fmt(value, 2), f">= {target}" if target else "-", met])
@@ -227,21 +225,25 @@ def _throughput(doc: dict[str, Any]) -> list[str]:
                    f"(its own batch, more padding): {_fmt(text.get('backbone_calls_of_64_sentences_per_s'), 1)} "
                    "sentences/s.")
     feats = doc.get("features")
-    if feats and "variants" in feats:
-        out.append(f"\nFeatures end to end ({feats['events_per_round']} events per round; the default config in "
-                   f"{feats['rounds']} rounds, the others in one).\n")
-        rows = []
-        for name, v in feats["variants"].items():
-            rates = [d["events_per_s"] for d in v["daemon"]]
-            rows.append([name, f"{v['message_bytes_mean']:,.0f}", ", ".join(_fmt(r) for r in rates),
-                         ", ".join(_fmt(r) for r in v["raw_consume_messages_per_s"]),
-                         _fmt(v["e2e_vs_consume_ratio"], 3)])
-        out.append(table(["daemon config, encoding", "bytes/event", "daemon events/s", "raw consume msgs/s",
-                          "ratio (median)"], rows))
-        out.append(f"\nThe default head alone (M=2048, in process, no Kafka, batches of 512): "
-                   f"{', '.join(_fmt(r) for r in feats['head_alone_events_per_s'])} events/s: the daemon reaches "
-                   f"{_fmt(feats['features_e2e_vs_head_alone_ratio'], 2)}x of it, and the head alone is "
-                   f"{_fmt(feats['head_alone_vs_consume_ratio'], 2)}x of the raw consume rate.")
+    if feats and "daemon" in feats and "head_alone_events_per_s" in feats:
+        out.append(f"\nFeatures end to end: {feats['rounds']} rounds of {feats['events_per_round']:,} events "
+                   f"({feats['classes']} classes, {feats['encoding']}, {feats['message_bytes_mean']:,.0f} bytes "
+                   "each) on one topic; each round: bare consume, the default head alone in process, the daemon "
+                   "with its default config, the daemon with a lean head; references once more at the end.\n")
+        raws, heads = feats["raw_consume_messages_per_s"], feats["head_alone_events_per_s"]
+        ratios = feats["round_ratios"]
+        rows = [[f"round {i + 1}", f"{_fmt(raws[i])} / {_fmt(raws[i + 1])}", f"{_fmt(heads[i])} / {_fmt(heads[i + 1])}",
+                 f"{d['events_per_s']:,.0f}", _fmt(ratios["default_vs_head_alone"][i], 2),
+                 f"{lean['events_per_s']:,.0f}", _fmt(ratios["lean_vs_consume"][i], 2),
+                 f"{feats['load_average_per_round'][i][0]:.1f}"]
+                for i, (d, lean) in enumerate(zip(feats["daemon"]["default"], feats["daemon"]["lean"], strict=True))]
+        out.append(table(["round", "raw consume msgs/s (before / after)", "head alone events/s (before / after)",
+                          "daemon default events/s", "/ head alone", "daemon lean events/s", "/ consume",
+                          "load average"], rows))
+        out.append(f"\nMedians: default daemon / head alone {_fmt(feats['features_e2e_vs_head_alone_ratio'], 2)}, "
+                   f"lean daemon / bare consume {_fmt(feats['features_e2e_lean_json_vs_consume_ratio'], 2)}; for "
+                   f"context, the head alone / bare consume {_fmt(feats['head_alone_vs_consume_ratio'], 2)} and the "
+                   f"default daemon / bare consume {_fmt(feats['features_e2e_default_vs_consume_ratio'], 2)}.")
     return out
 
 

@@ -166,6 +166,10 @@ class ReplayMemory:
             self._register(rows, meta[0])
             for i in rows:
                 pending[self._put(X[i], meta, i)] = None
+        elif self.recency_weight == 0.0 and self._uniform(rows, meta[0]):
+            self._offer_uniform(X, meta, rows, pending, gone, evicted)
+        elif self._steady(rows, meta[0]):
+            self._offer_steady(X, meta, rows, pending, gone, evicted)
         else:
             for i in rows:
                 self._offer_one(X, meta, i, pending, gone, evicted)
@@ -199,6 +203,89 @@ class ReplayMemory:
             members = self._ids_of_class(label)
             self._evict(int(members[self._rng.integers(len(members))]), pending, gone, evicted)
         pending[self._put(X[i], meta, i)] = None
+
+    def _uniform(self, rows: list[int], labels: list[str]) -> bool:
+        """Whether each class offered holds a uniform sample of all its events seen (no freed slots).
+
+        Then so does the uniform reservoir one by one, after the call, whatever the order of its
+        steps: class ``c`` ends holding a uniformly random ``target_c`` of its events seen.
+        """
+        return all(self._stored.get(label, 0) == min(self._targets.get(label, 0), self._seen.get(label, 0))
+                   for label in {labels[i] for i in rows})
+
+    def _offer_uniform(self, X: np.ndarray, meta: tuple[Any, ...], rows: list[int], pending: dict[int, None],
+                       gone: list[int], evicted: list[str]) -> None:
+        """The uniform reservoir (``recency_weight`` 0) for a whole call, in one step per class.
+
+        One by one, every class ends holding a uniformly random subset of its events seen, of the
+        size of its final target (Algorithm R; uniform evictions when a target shrinks). So draw
+        that subset directly: the number ``k`` of this call's events in it is hypergeometric, they
+        are a uniform ``k`` of this call's events of the class, and the rest a uniform subset of
+        its stored items (itself a uniform sample of the earlier events). Classes not offered
+        shrink to their new targets by uniform evictions, as one by one.
+        """
+        labels = meta[0]
+        new_of: dict[str, list[int]] = {}
+        for i in rows:
+            new_of.setdefault(labels[i], []).append(i)
+        before = {label: self._seen.get(label, 0) for label in new_of}
+        for label, offered in new_of.items():
+            self._seen[label] = before[label] + len(offered)
+        self._targets = class_targets(self._seen, self.capacity)
+        admit: list[int] = []
+        for label in [*self._stored, *(c for c in new_of if c not in self._stored)]:
+            stored, target, offered = self._stored.get(label, 0), self._targets.get(label, 0), new_of.get(label, [])
+            k = int(self._rng.hypergeometric(len(offered), before.get(label, 0), target)) if offered and target else 0
+            if target - k > stored:  # its target grew past what it holds: the new events fill it, as one by one
+                k = min(target - stored, len(offered))
+            drop = stored - (target - k)
+            if drop > 0:
+                for j in choose_evictions(self._ids_of_class(label), drop, self._rng):
+                    self._evict(int(j), pending, gone, evicted)
+            if k:
+                admit += [offered[p] for p in self._rng.choice(len(offered), size=k, replace=False).tolist()]
+        for i in sorted(admit):
+            pending[self._put(X[i], meta, i)] = None
+
+    def _steady(self, rows: list[int], labels: list[str]) -> bool:
+        """Whether every class offered is known, full and past its target (no target can move)."""
+        for label in {labels[i] for i in rows}:
+            target = self._targets.get(label)
+            if target is None or target >= self._seen[label] or self._stored.get(label, 0) != target:
+                return False
+        return True
+
+    def _offer_steady(self, X: np.ndarray, meta: tuple[Any, ...], rows: list[int], pending: dict[int, None],
+                      gone: list[int], evicted: list[str]) -> None:
+        """``_offer_one`` for a whole batch once no target can move (``_steady``), with vectorised draws.
+
+        The same policy, drawn in another order: the ``n``-th event of a class at its target is kept
+        with probability ``target / n`` (or ``recency_weight``), and each kept event replaces a
+        uniformly chosen item of its class, earlier events of the batch included. Replacing by
+        position, the item left in each position is the last kept event that drew it; earlier
+        ones were admitted and displaced within the call (``rejected``), as one by one.
+        """
+        labels = [meta[0][i] for i in rows]
+        seen_at = np.empty(len(rows), np.int64)  # this event's count in its class, itself included
+        targets = np.empty(len(rows), np.int64)
+        for k, label in enumerate(labels):
+            self._seen[label] += 1
+            seen_at[k], targets[k] = self._seen[label], self._targets[label]
+        keep = self._rng.integers(0, seen_at) < targets  # Algorithm R
+        if self.recency_weight > 0.0:
+            keep |= self._rng.random(len(rows)) < self.recency_weight
+        keep &= targets > 0
+        kept: dict[str, list[int]] = {}
+        for k in np.flatnonzero(keep).tolist():
+            kept.setdefault(labels[k], []).append(rows[k])
+        for label, offered in kept.items():
+            members = self._ids_of_class(label)
+            last: dict[int, int] = {}  # position in the class -> the last kept event that drew it
+            for pos, i in zip(self._rng.integers(0, len(members), size=len(offered)).tolist(), offered, strict=True):
+                last[pos] = i
+            for pos, i in sorted(last.items(), key=lambda item: item[1]):
+                self._evict(int(members[pos]), pending, gone, evicted)
+                pending[self._put(X[i], meta, i)] = None
 
     def _evict(self, j: int, pending: dict[int, None], gone: list[int], evicted: list[str]) -> None:
         eid = self._drop(j)

@@ -129,6 +129,35 @@ class ClassTable:
         self.counts, self.sums = counts, sums
 
 
+def _cblas_dsyrk() -> Any:
+    """The ``cblas_dsyrk`` of scipy's own OpenBLAS, through ctypes, which releases the GIL (None if not found).
+
+    scipy's ``dsyrk`` wrapper holds the GIL for the whole update, the bulk of a ridge head's
+    learning, so the learn loop's other thread stood still while the head learned (issue 19).
+    The same routine in the same library (so ``blas_threads`` caps it too), called through
+    ctypes, lets that thread run. Falls back to scipy's wrapper where the library is not found.
+    """
+    import ctypes
+    from pathlib import Path
+
+    import scipy
+
+    for lib in sorted((Path(scipy.__file__).parent.parent / "scipy.libs").glob("libscipy_openblas*.so*")):
+        try:
+            fn = ctypes.CDLL(str(lib)).scipy_cblas_dsyrk
+        except (OSError, AttributeError):
+            continue
+        fn.restype = None
+        fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_double, ctypes.c_void_p, ctypes.c_int, ctypes.c_double,
+                                            ctypes.c_void_p, ctypes.c_int]
+        return fn
+    return None
+
+
+_DSYRK_NOGIL = _cblas_dsyrk()
+_COL_MAJOR, _UPPER, _NO_TRANS = 102, 121, 111  # CBLAS enums
+
+
 class SecondMoment:
     """``sum z z^T`` (float64, (p, p)) updated by a BLAS symmetric rank-k update.
 
@@ -143,8 +172,15 @@ class SecondMoment:
         self._upper = np.zeros((width, width), dtype=np.float64, order="F")
 
     def add(self, Z: np.ndarray, sign: float) -> None:
-        """Add ``sign * Z^T Z`` for a C-contiguous float64 ``Z`` of shape (n, p)."""
-        Zt = np.ascontiguousarray(Z).T  # F-ordered (p, n) view: dsyrk reads it without a copy
+        """Add ``sign * Z^T Z`` for a float64 ``Z`` of shape (n, p) (without the GIL where possible)."""
+        Z = np.ascontiguousarray(Z, dtype=np.float64)
+        n, p = Z.shape
+        if _DSYRK_NOGIL is not None and n and self._upper.flags.f_contiguous and max(n, p) < 2**31:
+            # Z C-ordered (n, p) is column-major (p, n): C += sign * Z^T Z is "NoTrans" on it.
+            _DSYRK_NOGIL(_COL_MAJOR, _UPPER, _NO_TRANS, p, n, float(sign), Z.ctypes.data, p, 1.0,
+                         self._upper.ctypes.data, p)
+            return
+        Zt = Z.T  # F-ordered (p, n) view: dsyrk reads it without a copy
         self._upper = dsyrk(float(sign), Zt, 1.0, self._upper, trans=0, lower=0, overwrite_c=1)
 
     def upper(self) -> np.ndarray:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ from service.serving.rest.app import start_rest, stop_rest
 from service.serving.unknown import Rejection
 
 log = logging.getLogger("eddy")
+GIL_SWITCH_INTERVAL_S = 0.0005  # see run_daemon
 
 
 class Learner(Protocol):
@@ -52,6 +54,10 @@ def run_daemon(settings: Settings, *, role: str = "all") -> int:
     """Run until SIGTERM/SIGINT; return the process exit code."""
     stop = threading.Event()
     _install_signals(stop)
+    # The learner's head update runs on a worker thread that needs the GIL back between its BLAS
+    # calls; with CPython's default 5 ms hand-over it waited on the decoding thread so long that
+    # the overlap was lost (bench/learner_profile.py --switch-interval-ms, issue 19).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     if settings.head.blas_threads:
         from service.app.threads import limit_native_threads
 

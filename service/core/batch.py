@@ -12,10 +12,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from learner.heads.stats import ExactHead
 from service import metrics
 from service.core.events import Event, decode
 from service.core.state import LearnerState
@@ -27,6 +28,40 @@ Embed = Callable[[Sequence[str]], np.ndarray]
 Predict = Callable[[np.ndarray], tuple[np.ndarray, Sequence[str]]]
 # rows -> (bool (n,): would the served model answer unknown?, its classes); None when none is served
 Reject = Callable[[np.ndarray], tuple[np.ndarray, Sequence[str]] | None]
+
+
+class HeadUpdates(Protocol):
+    """How ``learn_batch`` applies a batch to the head: now (``LearnNow``), or started on a worker.
+
+    ``settle()`` returns once every update started so far is in the head (so its ``classes_`` and
+    statistics may be read); ``start(head, X, labels)`` begins ``head.learn_many(X, labels)``,
+    updates applying in the order they were started; ``labels_in_flight()`` are the labels of
+    updates started but not yet settled (the class cap counts them without waiting).
+    """
+
+    def settle(self) -> None: ...  # noqa: D102
+
+    def start(self, head: ExactHead, X: np.ndarray, labels: list[str]) -> None: ...  # noqa: D102
+
+    def labels_in_flight(self) -> Sequence[str]: ...  # noqa: D102
+
+
+class LearnNow:
+    """``HeadUpdates`` on the calling thread: ``start`` learns at once, ``settle`` has nothing to wait for."""
+
+    def settle(self) -> None:
+        """Nothing is ever in flight."""
+
+    def start(self, head: ExactHead, X: np.ndarray, labels: list[str]) -> None:
+        """``head.learn_many(X, labels)``, now."""
+        head.learn_many(X, labels)
+
+    def labels_in_flight(self) -> Sequence[str]:
+        """None: every update is done on return."""
+        return ()
+
+
+LEARN_NOW = LearnNow()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +150,8 @@ def tp_key(topic: str, partition: int) -> str:
 
 def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed | None, dim: int,
                 max_event_bytes: int, predict: Predict | None = None, max_classes: int | None = None,
-                unknown_label: str | None = None, reject: Reject | None = None) -> BatchOutcome:
+                unknown_label: str | None = None, reject: Reject | None = None,
+                head_updates: HeadUpdates = LEARN_NOW) -> BatchOutcome:
     """Learn every good event in ``records``; return dead letters and counts.
 
     ``embed`` turns texts into ``(n, dim)`` float32 rows (None: text events are dead-lettered).
@@ -127,6 +163,10 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
     Events labelled ``unknown_label`` are never learned (the unknown label is not a class); with
     ``reject`` they check the served model's rejection (``unknown_caught``), as the in-scope events
     check its in-scope rejection rate (``in_scope_rejected``) before they are learned.
+    ``head_updates`` applies the batch to the head: by default now; the learn loop passes one that
+    runs it on a worker thread (``service.roles.head_ahead``), so on return the head may still be
+    learning this batch while everything else in the state (offsets, memory, id window, counters)
+    already holds it: call its ``settle()`` before reading the head.
     Never raises for a bad record. Raises ``BackboneUnavailable`` (from ``embed``) before changing
     ``state``, so the caller can stop without counting the batch.
     """
@@ -134,7 +174,7 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
     events: list[tuple[Record, Event]] = []
     batch_ids: set[str] = set()
     offsets: dict[str, int] = {}
-    room = _ClassRoom(state, max_classes)
+    room = _ClassRoom(state, max_classes, head_updates.labels_in_flight())
     for rec in records:
         key = tp_key(rec.topic, rec.partition)
         if rec.offset < state.offsets.get(key, 0):
@@ -160,7 +200,7 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
     if unknown_label is not None and kept:
         X, kept = _set_aside_unknown(X, kept, unknown_label, reject, out)
     if kept:
-        _learn(state, X, kept, out, predict)
+        _learn(state, X, kept, out, predict, head_updates)
     state.counters.learned += out.learned
     state.counters.duplicates += out.duplicates
     state.counters.dead_lettered += len(out.dead_letters)
@@ -171,9 +211,10 @@ def learn_batch(state: LearnerState, records: Sequence[Record], *, embed: Embed 
 class _ClassRoom:
     """Which labels one batch may learn under ``max_classes`` (known ones, then new ones while room)."""
 
-    def __init__(self, state: LearnerState, max_classes: int | None) -> None:
+    def __init__(self, state: LearnerState, max_classes: int | None, in_flight: Sequence[str] = ()) -> None:
         self.max_classes = max_classes
-        self.known: set[str] = set(state.head.classes_) if max_classes is not None else set()
+        # The head's classes, plus those of a batch whose update is still running (pipelined learner).
+        self.known: set[str] = set(state.head.classes_) | set(in_flight) if max_classes is not None else set()
 
     def admits(self, label: str) -> bool:
         if self.max_classes is None or label in self.known:
@@ -269,7 +310,8 @@ def _set_aside_unknown(X: np.ndarray, kept: list[tuple[Record, Event]], unknown_
 
 
 def _learn(state: LearnerState, X: np.ndarray, kept: list[tuple[Record, Event]], out: BatchOutcome,
-           predict: Predict | None) -> None:
+           predict: Predict | None, head_updates: HeadUpdates) -> None:
+    """Score (served model), start the head's update, then the memory and the id window while it runs."""
     labels = [ev.label for _, ev in kept]
     if predict is not None:
         probs, classes = predict(X)
@@ -279,9 +321,10 @@ def _learn(state: LearnerState, X: np.ndarray, kept: list[tuple[Record, Event]],
             out.predicted = len(labels)
             if state.errors is not None:  # ReLoop2: what the served model got wrong, for compensation
                 state.errors.add_mistakes(X, labels, guesses.tolist())
+    head_updates.settle()  # the previous batch's update: classes_ is read next
     known = set(state.head.classes_)
     out.new_classes = list(dict.fromkeys(label for label in labels if label not in known))
-    state.head.learn_many(X, labels)
+    head_updates.start(state.head, X, labels)
     ids = [ev.id for _, ev in kept]
     if state.memory is not None:
         state.memory.add(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -72,12 +73,15 @@ class ExportScheduler:
 
     Used from the learner thread only: ``note_learned``/``note_forgotten`` mark the head changed,
     ``maybe_export`` starts an export when one is due and affordable, ``collect`` applies a finished
-    one. ``exporter`` None (a learner that only snapshots) never exports.
+    one. ``exporter`` None (a learner that only snapshots) never exports. ``settle`` is called before
+    the head is read or changed here (the learn loop's head updates may run on a worker thread).
     """
 
-    def __init__(self, exporter: Exporter | None, policy: ExportPolicy) -> None:
+    def __init__(self, exporter: Exporter | None, policy: ExportPolicy,
+                 settle: Callable[[], None] = lambda: None) -> None:
         self.exporter = exporter
         self.policy = policy
+        self.settle = settle
         self.paused = False  # set by a rollback: keep serving it until an explicit export
         self.changed = False
         self.urgent = False  # a new class or a forget: export as soon as the budget allows
@@ -140,6 +144,7 @@ class ExportScheduler:
         if refit:
             self._last_gcv = time.monotonic()
         X, labels = recent.rows()
+        self.settle()
         fit_temperature = refit and state.head.temperature == "auto"
         threshold_due = self.policy.reject_rate is not None and (
             refit or self.urgent or self.unknown is None or self.unknown.threshold is None
@@ -196,6 +201,7 @@ class ExportScheduler:
         except Exception as exc:
             self._failed(exc)
             return None
+        self.settle()
         if self._retry.failures:
             log.warning("export works again after %d failures", self._retry.failures)
             self._retry.reset()

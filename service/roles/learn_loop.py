@@ -1,11 +1,15 @@
 """The learn loop: consume a batch, learn it, export on schedule, snapshot, commit offsets.
 
-One thread owns the learner. Its cycle::
+One thread owns the learner state. Its cycle::
 
     poll -> learn_batch (bad events -> dead-letter topic) -> forget requests
          -> every N events / T seconds, if changed: export -> gates -> swap
          -> every N events / T seconds: flush dead letters -> capture the state (copies)
             -> write it durably (snapshot thread) -> commit its offsets (mirror)
+
+The head's update of a batch runs on a worker thread (``HeadAhead``) while this thread goes on
+to the memory, the id window and the next poll and decode; every reader of the head (snapshot,
+export, forget, admin call) settles it first, so the stages keep their order.
 
 Offsets move to Kafka only after a snapshot covers them; on start and on every partition
 assignment the consumer seeks to the snapshot's offsets. A crash therefore replays exactly the
@@ -40,6 +44,7 @@ from service.kafka.clients import DeadLetterWriter, RebalanceCallbacks, broker_r
 from service.models.exporter import Exporter
 from service.roles.embed_ahead import EmbedAhead
 from service.roles.exports import ExportPolicy, ExportScheduler
+from service.roles.head_ahead import HeadAhead
 from service.roles.progress import Interval, assigned_partitions, consumer_lag, offsets_lookup
 from service.roles.snapshots import Snapshotter
 from service.roles.tasks import TaskQueue
@@ -89,16 +94,18 @@ class LearnLoop:
         self.dlq = dlq
         self.state = state
         self.embed = embed  # forget's re-embedding calls it directly
+        self._head = HeadAhead()  # the head's math overlaps the next batch's polling and decoding
         self._embed_ahead = EmbedAhead(embed, options.dim) if embed is not None else None
         self.refetch = refetch
         self.opt = options
         self.predict = predict
         self.reject = reject
         self.recent = RecentRows(options.holdout_size, options.dim)
-        self.exports = ExportScheduler(exporter, ExportPolicy(
-            options.export_every_events, options.export_every_seconds, options.gcv_every_seconds, options.reject_rate))
+        policy = ExportPolicy(options.export_every_events, options.export_every_seconds, options.gcv_every_seconds,
+                              options.reject_rate)
+        self.exports = ExportScheduler(exporter, policy, settle=self._head.settle)
         self.snapshots = Snapshotter(store, consumer, dlq, every_events=options.snapshot_every_events,
-                                     every_seconds=options.snapshot_every_seconds)
+                                     every_seconds=options.snapshot_every_seconds, settle=self._head.settle)
         self._backlog = False  # more is waiting than one batch holds
         self._buffered: deque[Record] = deque()  # polled, not yet learned (learned before the next poll)
         self._outage_backoff = 0.0
@@ -107,7 +114,7 @@ class LearnLoop:
         self._log_timer = Interval(options.log_every_seconds)
         self._log_counts = {"learned": 0, "dead_letter": 0, "duplicate": 0}
         self.correct = self.predicted = 0
-        self._tasks = TaskQueue()
+        self._tasks = TaskQueue(before_each=self._head.settle)  # admin calls may read the head
 
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run ``fn`` on the learner thread between batches (admin RPCs); returns its future."""
@@ -128,6 +135,7 @@ class LearnLoop:
                     # Stopping before the backbone loaded: the batch changed nothing, the next
                     # process learns it from the snapshot's offsets.
                     log.info("stopping before the backbone loaded; unlearned events are replayed on restart")
+            self._head.settle()  # the last update's failure, if any, is a crash: no shutdown snapshot
         except BaseException:
             # No snapshot of a half-applied batch: a restart replays from the last good snapshot.
             self.exports.close(None)
@@ -135,6 +143,7 @@ class LearnLoop:
         finally:
             if self._embed_ahead is not None:  # no thread left inside the encoder at exit
                 self._embed_ahead.close()
+            self._head.close()  # after a failure too: no thread left inside the head
         self.exports.close(self.state)
         self.snapshot("shutdown")  # if it fails (reported), a restart replays from the last durable one
         self.snapshots.close()
@@ -209,7 +218,7 @@ class LearnLoop:
         out = learn_batch(self.state, records, embed=self._embed_ahead, dim=self.opt.dim,
                           max_event_bytes=self.opt.max_event_bytes, predict=self.predict,
                           max_classes=self.opt.max_classes, unknown_label=self.opt.unknown_label,
-                          reject=self.reject)
+                          reject=self.reject, head_updates=self._head)
         report(out, self.dlq, time.perf_counter() - start)
         self.correct += out.correct
         self.predicted += out.predicted
@@ -217,8 +226,8 @@ class LearnLoop:
         if changed:
             assert out.X is not None
             self.recent.extend(out.X, out.labels)
-        if out.new_classes:
-            metrics.CLASSES.set(len(self.state.head.classes_))
+        if out.new_classes:  # the head may still be learning them (HeadAhead)
+            metrics.CLASSES.set(len(set(self.state.head.classes_).union(out.new_classes)))
         self.exports.note_learned(len(records), changed=changed, new_class=bool(out.new_classes),
                                   received_at=records[0].received_at)
         self.snapshots.since += len(records)
@@ -251,6 +260,7 @@ class LearnLoop:
 
     def forget(self, request: Any) -> dict[str, Any]:
         """Apply a forget request now (also used by the admin RPC) and export the result."""
+        self._head.settle()
         result = apply_forget(self.state, request, refetch=self.refetch, embed=self.embed,
                               dim=self.opt.dim, max_event_bytes=self.opt.max_event_bytes, recent=self.recent)
         metrics.EVENTS.labels(result="forgotten").inc(result.forgotten)
@@ -284,14 +294,11 @@ class LearnLoop:
 
     def seek_to_state(self, partitions: list[TopicPartition]) -> None:
         """Position assigned partitions at the offsets the state covers (or the beginning)."""
-        fresh = []
-        for tp in partitions:
-            nxt = self.state.offsets.get(tp_key(tp.topic, tp.partition))
-            if nxt is None:
-                fresh.append(tp)
-            else:
+        known = {tp: self.state.offsets.get(tp_key(tp.topic, tp.partition)) for tp in partitions}
+        for tp, nxt in known.items():
+            if nxt is not None:
                 self.consumer.seek(tp, nxt)
-        if fresh:
+        if fresh := [tp for tp, nxt in known.items() if nxt is None]:
             self.consumer.seek_to_beginning(*fresh)
 
     # -- observability -----------------------------------------------------------------------

@@ -62,11 +62,15 @@ class Snapshotter:
 
     ``every_events``/``every_seconds`` bound the work a crash replays. ``dlq`` is flushed before
     each capture: a snapshot never covers an event whose dead letter could still be lost.
+    ``settle`` is called before each capture: the head then holds every batch the offsets cover
+    (the learn loop's head updates may run on a worker thread).
     """
 
     def __init__(self, store: SnapshotStore, consumer: KafkaConsumer, dlq: DeadLetterWriter, *,
-                 every_events: int, every_seconds: float, max_backoff_s: float = 30.0) -> None:
+                 every_events: int, every_seconds: float, max_backoff_s: float = 30.0,
+                 settle: Callable[[], None] = lambda: None) -> None:
         self.store = store
+        self.settle = settle
         self.consumer = consumer
         self.dlq = dlq
         self.every_events = every_events
@@ -123,6 +127,7 @@ class Snapshotter:
         self.collect(wait=True)
         start = time.perf_counter()
         self.dlq.flush()
+        self.settle()
         captured = state.state_dict()  # copies: learning goes on while they are written
         self._last, self.since = time.monotonic(), 0
         self._offsets = dict(state.offsets) if commit else None

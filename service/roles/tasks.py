@@ -15,7 +15,8 @@ class TaskQueue:
     now, rollback's pause) goes through here and waits on the returned future.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, before_each: Callable[[], None] = lambda: None) -> None:
+        self._before_each = before_each  # e.g. let the head's update in flight land first
         self._tasks: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
 
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
@@ -27,6 +28,7 @@ class TaskQueue:
     def run_pending(self) -> None:
         """Run every queued function now, on the calling thread."""
         while not self._tasks.empty():
+            self._before_each()
             fn, future = self._tasks.get_nowait()
             try:
                 future.set_result(fn())

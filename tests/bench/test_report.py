@@ -37,9 +37,11 @@ def fake_results(folder: Path) -> None:
                                                "param": "lr", "value": 1.0, "scores": {"0.1": 0.2, "1.0": 0.3},
                                                "tuned_on": "fake tuning stream"}}}}}
     throughput = {"targets": {"ridge_vs_river_learn_ratio": 15.0, "text_e2e_vs_backbone_ratio": 0.85,
-                              "features_e2e_vs_consume_ratio": 0.8},
+                              "features_e2e_vs_head_alone_ratio": 0.7,
+                              "features_e2e_lean_json_vs_consume_ratio": 0.6},
                   "ratios": {"ridge_vs_river_learn_ratio": 40.0, "text_e2e_vs_backbone_ratio": 0.7,
-                             "features_e2e_vs_consume_ratio": None}}
+                             "features_e2e_vs_head_alone_ratio": 0.75,
+                             "features_e2e_lean_json_vs_consume_ratio": None}}
     (folder / "accuracy.json").write_text(json.dumps(accuracy))
     (folder / "throughput.json").write_text(json.dumps(throughput))
 
@@ -60,7 +62,9 @@ def test_summary_picks_each_number_from_its_defined_stream(tmp_path: Path) -> No
     assert s["banking77_blind_prequential_accuracy"] == 0.07
     assert s["banking77_majority_prequential_accuracy"] == 0.08
     assert s["ridge_vs_river_learn_ratio"] == 40.0
-    assert s["features_e2e_vs_consume_ratio"] is None
+    assert s["features_e2e_vs_head_alone_ratio"] == 0.75
+    assert s["features_e2e_lean_json_vs_consume_ratio"] is None
+    assert "features_e2e_vs_consume_ratio" not in s  # withdrawn (issue 19)
     assert s["seeds"] == [0, 1]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -269,3 +270,68 @@ def test_a_rebuild_built_on_another_thread_sees_changes_made_meanwhile(
     stale = m.start_rebuild()
     m.load_state_dict(m.state_dict())
     assert not m.finish_rebuild(stale)  # the index it was built from is gone
+
+
+@pytest.mark.parametrize("recency_weight", [0.0, 1.0])
+def test_batched_admission_follows_the_reservoir_policy(recency_weight: float) -> None:
+    """Batched admission and eviction keep the one-by-one distribution.
+
+    Uniform reservoir (w = 0): every event of a class is kept with probability target / seen,
+    wherever it came in the stream. w = 1 keeps every event on arrival, then each later kept
+    event of the class displaces a stored one with probability 1 / target: an event survives
+    the ``k`` later events of its class with probability ``(1 - 1/target)**k``.
+    """
+    seeds, per_class, target, batch = 200, 200, 20, 100
+    labels = ["a", "b"] * per_class
+    kept = np.zeros(len(labels))
+    batched_calls = 0
+    # w = 0: every call in one step per class; w > 0: the calls once the classes are at their targets.
+    path, batched_per_seed = ("_offer_uniform", 4) if recency_weight == 0.0 else ("_offer_steady", 3)
+    for seed in range(seeds):
+        m = ReplayMemory(4, max_items=2 * target, seed=seed, recency_weight=recency_weight, use_gpu="never")
+        real = getattr(m, path)
+
+        def counted(*args: object, real: object = real) -> None:
+            nonlocal batched_calls
+            batched_calls += 1
+            real(*args)  # type: ignore[operator]
+
+        setattr(m, path, counted)
+        X = unit(np.random.default_rng(seed), len(labels), 4)
+        for s in range(0, len(labels), batch):
+            m.add(X[s:s + batch], labels[s:s + batch], [f"e{i}" for i in range(s, s + batch)])
+        assert m.counts() == {"a": target, "b": target}
+        kept[[int(e[1:]) for e in m.all()[2]]] += 1
+    assert batched_calls == seeds * batched_per_seed
+    p = kept / seeds
+    if recency_weight == 0.0:
+        want = np.full(len(labels), target / per_class)
+    else:
+        later = np.arange(len(labels))[::-1] // 2  # later events of the same class
+        want = (1 - 1 / target) ** later
+    # Per stretch of 40 events (20 per class): 8,000 trials, so a standard error of <= 0.006.
+    for s in range(0, len(labels), 40):
+        assert abs(p[s:s + 40].mean() - want[s:s + 40].mean()) < 0.025, (s, p[s:s + 40].mean(), want[s:s + 40].mean())
+
+
+def test_batched_uniform_reservoir_while_classes_appear_and_targets_move() -> None:
+    """Capacity reached mid-stream with classes of unequal rates arriving late (targets shrink and
+    grow within calls): each class ends with its water-filled target, and every event of a class is
+    equally likely to be kept (target / seen), as with one event per call."""
+    seeds, capacity = 150, 60
+    labels = (["a"] * 3 + ["b"]) * 60 + ["c", "a", "b", "d"] * 30  # c and d appear after the memory is full
+    counts = Counter(labels)
+    kept = np.zeros(len(labels))
+    for seed in range(seeds):
+        m = ReplayMemory(4, max_items=capacity, seed=seed, use_gpu="never")
+        X = unit(np.random.default_rng(seed), len(labels), 4)
+        for s in range(0, len(labels), 48):
+            m.add(X[s:s + 48], labels[s:s + 48], [f"e{i}" for i in range(s, s + len(labels[s:s + 48]))])
+        assert m.counts() == {"a": 15, "b": 15, "c": 15, "d": 15}
+        kept[[int(e[1:]) for e in m.all()[2]]] += 1
+    p = kept / seeds
+    for label in "abcd":
+        idx = np.array([i for i, c in enumerate(labels) if c == label])
+        want = 15 / counts[label]
+        for part in np.array_split(idx, 3):  # early, middle and late events of the class alike
+            assert abs(p[part].mean() - want) < 0.03, (label, part[0], p[part].mean(), want)
