@@ -54,3 +54,16 @@ def test_cli_config_exits_2_naming_the_key(tmp_path):
     assert proc.returncode == 2
     assert "serving.grpc_port" in proc.stderr
     assert "abc" in proc.stderr
+
+
+def test_backbone_dim_follows_the_chosen_encoders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().backbone.dim == 384
+    two = load_settings(backbone={"name": ["all-MiniLM-L6-v2", "all-MiniLM-L6-v2"], "precision": "int8"})
+    assert two.backbone.dim == 768 and two.backbone.name == ["all-MiniLM-L6-v2", "all-MiniLM-L6-v2"]
+    with pytest.raises(ConfigError, match="dim 512 does not match the encoders 'all-MiniLM-L6-v2', which give 384"):
+        load_settings(backbone={"dim": 512})
+    with pytest.raises(ConfigError, match="eddy models install all-mpnet-base-v2"):
+        load_settings(backbone={"name": "all-mpnet-base-v2", "models_dir": str(tmp_path)})
+    # Given its dim, a daemon may start before the model is installed (feature streams still work).
+    assert load_settings(backbone={"name": "all-mpnet-base-v2", "models_dir": str(tmp_path), "dim": 768})

@@ -77,7 +77,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc("ModelMetadata")
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any,
                             timing: Timing) -> pb.ModelMetadataResponse:
-        """Inputs, outputs and the one served version."""
+        """Inputs, outputs, the one served version and ``parameters``: ``backbone``, ``head_kind``."""
         model = self._model(request.name, request.version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         inputs = [tensor(name=FEATURES, datatype="FP32", shape=[-1, model.n_features])]
@@ -85,8 +85,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs.insert(0, tensor(name=TEXT, datatype="BYTES", shape=[-1]))
         outputs = [tensor(name=LABEL, datatype="BYTES", shape=[-1, -1]),
                    tensor(name=PROBABILITY, datatype="FP32", shape=[-1, -1])]
-        return pb.ModelMetadataResponse(name=self.model_name, versions=[str(model.version)],
-                                        platform="onnxruntime_onnx", inputs=inputs, outputs=outputs)
+        response = pb.ModelMetadataResponse(name=self.model_name, versions=[str(model.version)],
+                                            platform="onnxruntime_onnx", inputs=inputs, outputs=outputs)
+        response.MergeFromString(metadata_parameters({"backbone": model.backbone_identity or "none",
+                                                      "head_kind": model.head_kind}))
+        return response
 
     # -- inference ------------------------------------------------------------------------------
     @rpc("ModelInfer")
@@ -151,6 +154,31 @@ def _requested_outputs(request: pb.ModelInferRequest) -> list[str]:
     if unknown:
         raise invalid(f"unknown outputs {unknown}: expected {LABEL} and/or {PROBABILITY}")
     return names
+
+
+def metadata_parameters(values: dict[str, str]) -> bytes:
+    """``ModelMetadataResponse.parameters`` (field 6, ``map<string, InferParameter>``) as wire bytes.
+
+    The Open Inference Protocol's proto (KServe, MLServer) has this map; tritonclient's compiled
+    proto predates it, so the entries travel as an unknown field that protobuf keeps and
+    serialises: clients built from the OIP proto read them as ``parameters``.
+    """
+    out = b""
+    for key, value in values.items():
+        k = key.encode()
+        v = pb.InferParameter(string_param=value).SerializeToString()
+        entry = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(v)) + v
+        out += b"\x32" + _varint(len(entry)) + entry  # field 6, length-delimited
+    return out
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def _int_parameter(parameters: Any, key: str, *, default: int) -> int:
