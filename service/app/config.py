@@ -66,9 +66,11 @@ class BackboneSettings(_Section):
     """The frozen encoder that turns text into features.
 
     ``name`` is a model name (``all-MiniLM-L6-v2``, ``all-mpnet-base-v2``), a sentence-transformers
-    folder path, or a list of them (embeddings concatenated, each L2-normalised). ``dim`` may be
-    left out: it is read from the chosen folders; given, it must match them. A model that is not
-    installed leaves ``dim`` unchecked here and fails, with the install command, when loaded.
+    folder path, or a list of them (embeddings concatenated, each L2-normalised). ``dim`` is best
+    left out: it is then read from the chosen folders. Given and different from theirs, it declares
+    a features-only stream of that width (text events are dead-lettered; the daemon says so at
+    start). A model that is not installed needs ``dim`` here and fails, with the install command,
+    when first loaded.
     ``on_backbone_change``: a snapshot learned with another backbone stops the daemon (exit 2)
     unless this is ``"fresh"``, which sets that snapshot aside and starts learning from nothing.
     """
@@ -104,9 +106,8 @@ class BackboneSettings(_Section):
             if not self.dim:
                 raise ValueError(f"{exc} (or set backbone.dim to start without it)") from None
             return self
-        if self.dim and self.dim != dim:
-            raise ValueError(f"dim {self.dim} does not match the encoders {self.name!r}, which give {dim}")
-        object.__setattr__(self, "dim", dim)
+        if not self.dim:
+            object.__setattr__(self, "dim", dim)
         return self
 
 

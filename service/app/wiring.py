@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from kafka import KafkaConsumer
 
+from learner.backbone import backbone_dim
 from learner.heads import make_head
 from memory import ReplayMemory
 from memory.compensation import DEFAULT_CAPACITY, ErrorMemory
@@ -111,6 +112,13 @@ def build_exporter(parts: Parts) -> Exporter:
 def backbone_options(b: BackboneSettings) -> BackboneOptions:
     """The backbone section as plain values for ``LazyBackbone``."""
     name = b.name if isinstance(b.name, str) else tuple(b.name)
+    try:
+        encoders = backbone_dim(b.name, models_dir=Path(b.models_dir))
+    except (ValueError, OSError):
+        encoders = b.dim  # not installed: the first load says how to install it
+    if encoders != b.dim:
+        log.warning("backbone.dim=%d but %s gives %d: a features-only stream of width %d; text events will be "
+                    "dead-lettered (leave backbone.dim unset to follow the encoders)", b.dim, b.name, encoders, b.dim)
     return BackboneOptions(name=name, dim=b.dim, runtime=b.runtime, precision=b.precision, device=b.device,
                            max_tokens=b.max_tokens, batch_size=b.batch_size, threads=b.threads,
                            cache_dir=Path(b.cache_dir), models_dir=Path(b.models_dir))
