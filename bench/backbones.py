@@ -69,9 +69,33 @@ def plot(result: dict[str, Any], out: Path) -> None:
     save(fig, out)
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The README table (between the ``backbones:start/end`` markers)."""
+    lines = ["| encoder | precision | ridge M | final accuracy | joint LR reference | texts/s (2 shared cores) "
+             "| vs MiniLM fp32, same run |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        acc = f"**{100 * r['final_accuracy']:.2f}%**" if r["final_accuracy"] is not None else "not measured"
+        ref = f"{100 * r['joint_reference_accuracy']:.2f}%" if r["joint_reference_accuracy"] else "-"
+        tps = f"{r['texts_per_s']:.1f}" if r["texts_per_s"] is not None else "-"
+        ratio = f"{r['speed_vs_minilm_fp32']:.2f}x" if r["speed_vs_minilm_fp32"] is not None else "-"
+        cells = [r["encoder"], r["precision"], str(r["expansion_width"]), acc, ref, tps, ratio]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def update_readme(table: str, readme: Path = REPO / "README.md") -> None:
+    """Replace the text between ``<!-- backbones:start -->`` and ``<!-- backbones:end -->``."""
+    text = readme.read_text()
+    start, end = "<!-- backbones:start -->", "<!-- backbones:end -->"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--readme", action="store_true", help="also rewrite the README's Backbones table")
     args = parser.parse_args()
     result = collect(args.runs)
     print(f"{'row':<14}{'final acc':>10}{'texts/s':>10}{'vs MiniLM':>10}  missing")
@@ -83,6 +107,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "backbones.json").write_text(json.dumps(result, indent=2))
     plot(result, RESULTS / "backbones.png")
+    if args.readme:
+        update_readme(markdown(result))
 
 
 if __name__ == "__main__":
