@@ -88,7 +88,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       seed=args.seed, eval_every=args.eval_every, json_out=Path(args.json) if args.json else None,
                       backbone=name, precision=args.precision or b.precision, device=args.device or b.device,
                       cache_dir=b.cache_dir, models_dir=b.models_dir, runtime=b.runtime,
-                      max_tokens=b.max_tokens, embed_batch_size=b.batch_size, threads=b.threads)
+                      max_tokens=b.max_tokens, embed_batch_size=b.batch_size, threads=b.threads,
+                      joint=not args.no_joint)
     keys = ("head", "backbone_identity", "prequential_accuracy", "final_accuracy", "joint_reference_accuracy",
             "forgetting",
             "min_old_class_accuracy", "n_events", "n_classes", "learn_events_per_s")
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--order", default="class-incremental", choices=["class-incremental", "random", "given"])
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--eval-every", type=int, default=1000)
+    sp.add_argument("--no-joint", action="store_true",
+                    help="skip the joint offline logistic-regression reference (minutes for a wide encoder)")
     _backbone_args(sp)
     sp.add_argument("--json")
     sp = add("predict", cmd_predict, "ask a running server for a prediction")
