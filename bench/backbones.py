@@ -46,7 +46,8 @@ def collect(runs: Path) -> dict[str, Any]:
             "speed_vs_minilm_fp32": (speed["ratio"] if side == "candidate" else 1.0) if speed else None,
             "missing": [name for name, data in ((f"{row}.json", report), (f"{bench}.json", speed)) if not data],
         })
-    return {"rows": rows, "machine": machine_info()}
+    throughput = {p.stem: json.loads(p.read_text()) for p in sorted(runs.glob("bench-*.json"))}
+    return {"rows": rows, "throughput_runs": throughput, "machine": machine_info()}
 
 
 def _load(path: Path) -> dict[str, Any] | None:
