@@ -7,7 +7,7 @@ and exits cleanly instead of finalising the interpreter under a thread deep insi
 Feature-only deployments never pay for any of it; text deployments warm it while the rest of
 the daemon starts, and the first text event or request waits for it.
 
-``python -m service.models.backbone OPTIONS_JSON`` is the child: it exports (and for int8
+``python -m service.models.backbone CACHE_DIR OPTIONS_JSON`` is the child: it exports (and for int8
 quantises) and caches the graphs.
 """
 
@@ -109,7 +109,7 @@ class LazyBackbone:
         log.info("exporting backbone %s to ONNX in %s (once per machine; tens of seconds)", self.options.name,
                  cache_dir)
         spec = json.dumps(self.options.load_kwargs(), default=str)
-        self._child = subprocess.Popen([sys.executable, "-m", "service.models.backbone", spec],
+        self._child = subprocess.Popen([sys.executable, "-m", "service.models.backbone", str(cache_dir), spec],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         if self._closed.is_set():  # close() ran between the check above and Popen
             self._child.terminate()
@@ -169,8 +169,8 @@ def _main(argv: Sequence[str]) -> int:
 
     # SIGTERM as an exception, so the export's temporary file is removed on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    spec = json.loads(argv[0])
-    paths = export_onnx(spec["name"], Path(spec["cache_dir"]), precision=spec["precision"],
+    cache_dir, spec = Path(argv[0]), json.loads(argv[1])
+    paths = export_onnx(spec["name"], cache_dir, precision=spec["precision"],
                         models_dir=Path(spec["models_dir"]))
     print(" ".join(str(p) for p in paths))
     return 0
