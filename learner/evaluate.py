@@ -37,7 +37,7 @@ from learner.files import atomic_write
 from learner.heads.base import Head
 
 Order = Literal["class-incremental", "random", "given"]
-_EMBED_CHUNK = 1024  # texts per progress step when embedding
+_EMBED_CHUNK = 512  # texts per progress step (and per resumable cache file) when embedding
 
 
 def stream_order(labels: Sequence[str], order: Order, seed: int) -> np.ndarray:
@@ -204,26 +204,42 @@ def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
 
 def embed_cached(texts: Sequence[str], backbone: Backbone, cache_dir: Path, key_extra: str = "", *,
                  progress: bool = False) -> np.ndarray:
-    """``backbone.embed(texts)``, cached in ``cache_dir`` as an ``.npy`` file.
+    """``backbone.embed(texts)``, cached in ``cache_dir`` as ``.npy`` files (for evaluations only).
 
     The key is sha256 over the backbone identity, ``key_extra`` (e.g. ``max_tokens``) and every
-    text, so any change to any of them misses the cache. The file is written atomically.
+    text, so any change to any of them misses the cache. Each chunk of ``_EMBED_CHUNK`` texts is
+    also cached under its own key as it is done, so an interrupted run (a slow encoder on a busy
+    machine) resumes where it stopped. Files are written atomically.
     """
-    digest = hashlib.sha256(f"{backbone.identity}\0{key_extra}\0".encode())
-    for text in texts:
-        data = text.encode()
-        digest.update(struct.pack("<Q", len(data)) + data)  # length prefix: no ambiguous joins
-    path = Path(cache_dir) / f"embeddings-{digest.hexdigest()[:32]}.npy"
+    path = Path(cache_dir) / f"embeddings-{_texts_key(texts, backbone.identity, key_extra)}.npy"
     if path.exists():
         cached = np.load(path)
         if cached.shape == (len(texts), backbone.dim):
             return cached
-    chunks = [backbone.embed(texts[i:i + _EMBED_CHUNK])
-              for i in tqdm(range(0, len(texts), _EMBED_CHUNK), desc="embed", unit="chunk",
-                            disable=not progress)]
+    chunks = []
+    for i in tqdm(range(0, len(texts), _EMBED_CHUNK), desc="embed", unit="chunk", disable=not progress):
+        part = texts[i:i + _EMBED_CHUNK]
+        chunk_path = Path(cache_dir) / f"embeddings-chunk-{_texts_key(part, backbone.identity, key_extra)}.npy"
+        X = np.load(chunk_path) if chunk_path.exists() else None
+        if X is None or X.shape != (len(part), backbone.dim):
+            X = backbone.embed(part)
+            _save_atomic(chunk_path, X)
+        chunks.append(X)
     X = np.concatenate(chunks) if chunks else np.empty((0, backbone.dim), dtype=np.float32)
     _save_atomic(path, X)
+    for i in range(0, len(texts), _EMBED_CHUNK):  # the whole array now holds them
+        part = texts[i:i + _EMBED_CHUNK]
+        (Path(cache_dir) / f"embeddings-chunk-{_texts_key(part, backbone.identity, key_extra)}.npy").unlink(
+            missing_ok=True)
     return X
+
+
+def _texts_key(texts: Sequence[str], identity: str, key_extra: str) -> str:
+    digest = hashlib.sha256(f"{identity}\0{key_extra}\0".encode())
+    for text in texts:
+        data = text.encode()
+        digest.update(struct.pack("<Q", len(data)) + data)  # length prefix: no ambiguous joins
+    return digest.hexdigest()[:32]
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
@@ -235,9 +251,11 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 def run_eval(train: Path, test: Path | None = None, *, text_col: str = "text", label_col: str = "label",
              head_kind: str = "ridge", head_params: dict[str, Any] | None = None,
              order: Order = "class-incremental", seed: int = 0, eval_every: int = 1000, batch_size: int = 256,
-             json_out: Path | None = None, backbone: str = "all-MiniLM-L6-v2",
+             json_out: Path | None = None, backbone: str | Sequence[str] = "all-MiniLM-L6-v2",
              runtime: Literal["onnx", "torch"] = "onnx", max_tokens: int = 128, embed_batch_size: int = 64,
              threads: int = 0, cache_dir: Path = Path(".eddy/cache"), joint: bool = True,
+             precision: Literal["fp32", "int8"] = "fp32", device: Literal["auto", "cpu", "cuda"] = "cpu",
+             models_dir: Path = Path(".eddy/cache/models"),
              progress: bool = True) -> dict[str, Any]:
     """Evaluate ``head_kind`` on the files ``train`` (streamed) and ``test`` (held out).
 
@@ -253,9 +271,10 @@ def run_eval(train: Path, test: Path | None = None, *, text_col: str = "text", l
     test_data = None if test is None else read_labeled(test, text_col=text_col, label_col=label_col)
     if test_data is not None and (train_data.texts is None) != (test_data.texts is None):
         raise ValueError(f"{train} and {test} must both hold texts or both hold features")
-    identity, X_all, labels = _features(train_data, test_data, backbone=backbone,
-                                       runtime=runtime, max_tokens=max_tokens, batch_size=embed_batch_size,
-                                       threads=threads, cache_dir=cache_dir, progress=progress)
+    encoder = {"name": backbone, "runtime": runtime, "max_tokens": max_tokens, "batch_size": embed_batch_size,
+               "threads": threads, "cache_dir": cache_dir, "precision": precision, "device": device,
+               "models_dir": models_dir}
+    identity, X_all, labels = _features(train_data, test_data, encoder=encoder, progress=progress)
     y_all = np.asarray(labels, dtype=object)
     if test is None:
         tr, te = split_indices(y_all, 0.2, seed)
@@ -292,20 +311,23 @@ def joint_reference_cached(X_train: np.ndarray, y_train: list[str], X_test: np.n
     return ref
 
 
-def _features(train: LabeledData, test: LabeledData | None, *, backbone: str,
-              runtime: Literal["onnx", "torch"], max_tokens: int, batch_size: int, threads: int,
-              cache_dir: Path, progress: bool) -> tuple[str, np.ndarray, list[str]]:
-    """Train then test rows as one feature matrix, with the backbone identity (``"features"`` if none)."""
+def _features(train: LabeledData, test: LabeledData | None, *, encoder: dict[str, Any],
+              progress: bool) -> tuple[str, np.ndarray, list[str]]:
+    """Train then test rows as one feature matrix, with the backbone identity (``"features"`` if none).
+
+    ``encoder`` holds ``load_backbone``'s arguments. Embeddings are cached per (backbone identity,
+    ``max_tokens``, texts) under ``cache_dir``, so a second eval with the same encoder skips them.
+    """
     parts = [train] if test is None else [train, test]
     labels = [label for part in parts for label in part.labels]
     if train.texts is None:
         return "features", np.concatenate([_need(p.features) for p in parts]).astype(np.float32), labels
     from learner.backbone import load_backbone
 
-    model = load_backbone(backbone, runtime=runtime, max_tokens=max_tokens, batch_size=batch_size,
-                          threads=threads, cache_dir=cache_dir)
+    model = load_backbone(**encoder)
     texts = [text for part in parts for text in _need(part.texts)]
-    X = embed_cached(texts, model, cache_dir, key_extra=f"max_tokens={max_tokens}", progress=progress)
+    X = embed_cached(texts, model, encoder["cache_dir"], key_extra=f"max_tokens={encoder['max_tokens']}",
+                     progress=progress)
     return model.identity, X, labels
 
 

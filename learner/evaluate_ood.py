@@ -137,9 +137,12 @@ def _heldout_mahalanobis(X: np.ndarray, y: list[str], classes: list[str], means:
 
 def run_ood_eval(train: Path, test: Path | None, ood_test: Path, *, text_col: str = "text", label_col: str = "label",
                  head_kind: str = "ridge", head_params: dict[str, Any] | None = None, reject_rate: float = 0.02,
-                 scores: Sequence[str] = ("msp",), seed: int = 0, backbone: str = "all-MiniLM-L6-v2",
-                 runtime: Literal["onnx", "torch"] = "onnx", max_tokens: int = 128, embed_batch_size: int = 64,
-                 threads: int = 0, cache_dir: Path = Path(".eddy/cache"), progress: bool = True) -> dict[str, Any]:
+                 scores: Sequence[str] = ("msp",), seed: int = 0,
+                 backbone: str | Sequence[str] = "all-MiniLM-L6-v2", runtime: Literal["onnx", "torch"] = "onnx",
+                 max_tokens: int = 128, embed_batch_size: int = 64, threads: int = 0,
+                 cache_dir: Path = Path(".eddy/cache"), precision: Literal["fp32", "int8"] = "fp32",
+                 device: Literal["auto", "cpu", "cuda"] = "cpu", models_dir: Path = Path(".eddy/cache/models"),
+                 progress: bool = True) -> dict[str, Any]:
     """``evaluate_ood`` on files: ``train`` is learned, ``test`` in scope (default: 20% of ``train``), ``ood_test`` not.
 
     ``ood_test``'s label column, if any, is ignored. Texts are embedded (and cached) as ``run_eval`` does.
@@ -152,10 +155,11 @@ def run_ood_eval(train: Path, test: Path | None, ood_test: Path, *, text_col: st
     ood_data = read_labeled(ood_test, text_col=text_col, label_col=None)  # labels, if any, are ignored
     if (train_data.texts is None) != (ood_data.texts is None):
         raise ValueError(f"{train} and {ood_test} must both hold texts or both hold features")
-    kw: dict[str, Any] = dict(backbone=backbone, runtime=runtime, max_tokens=max_tokens, batch_size=embed_batch_size,
-                              threads=threads, cache_dir=cache_dir, progress=progress)
-    identity, X_all, labels = _features(train_data, test_data, **kw)
-    _, X_ood, _ = _features(ood_data, None, **kw)
+    encoder = {"name": backbone, "runtime": runtime, "max_tokens": max_tokens, "batch_size": embed_batch_size,
+               "threads": threads, "cache_dir": cache_dir, "precision": precision, "device": device,
+               "models_dir": models_dir}
+    identity, X_all, labels = _features(train_data, test_data, encoder=encoder, progress=progress)
+    _, X_ood, _ = _features(ood_data, None, encoder=encoder, progress=progress)
     y_all = np.asarray(labels, dtype=object)
     if test is None:
         tr, te = split_indices(y_all, 0.2, seed)

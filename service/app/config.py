@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -64,15 +64,52 @@ class KafkaSettings(_Section):
 
 
 class BackboneSettings(_Section):
-    """The frozen encoder that turns text into features."""
+    """The frozen encoder that turns text into features.
 
-    name: str = "all-MiniLM-L6-v2"
+    ``name`` is a model name (``all-MiniLM-L6-v2``, ``all-mpnet-base-v2``), a sentence-transformers
+    folder path, or a list of them (embeddings concatenated, each L2-normalised). ``dim`` is best
+    left out: it is then read from the chosen folders. Given and different from theirs, it declares
+    a features-only stream of that width (text events are dead-lettered; the daemon says so at
+    start). A model that is not installed needs ``dim`` here and fails, with the install command,
+    when first loaded.
+    ``on_backbone_change``: a snapshot learned with another backbone stops the daemon (exit 2)
+    unless this is ``"fresh"``, which sets that snapshot aside and starts learning from nothing.
+    """
+
+    name: str | list[str] = "all-MiniLM-L6-v2"
     runtime: Literal["onnx", "torch"] = "onnx"
-    dim: int = Field(384, gt=0, le=65_536)
+    precision: Literal["fp32", "int8"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dim: int = Field(0, ge=0, le=65_536)
     max_tokens: int = Field(128, ge=8, le=512)
     batch_size: int = Field(64, gt=0, le=4096)
     threads: int = Field(0, ge=0, le=256)
     cache_dir: Path = Path(".eddy/cache")
+    models_dir: Path = Path(".eddy/cache/models")
+    on_backbone_change: Literal["refuse", "fresh"] = "refuse"
+
+    @field_validator("name")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list names no encoder")
+        return v
+
+    @model_validator(mode="after")
+    def _dim_follows_encoders(self) -> BackboneSettings:
+        from learner.backbone import backbone_dim
+
+        if self.runtime == "torch" and self.precision != "fp32":
+            raise ValueError("precision int8 needs runtime 'onnx'")
+        try:
+            dim = backbone_dim(self.name, models_dir=self.models_dir)
+        except (ValueError, OSError) as exc:  # not installed (yet): the load says how to install it
+            if not self.dim:
+                raise ValueError(f"{exc} (or set backbone.dim to start without it)") from None
+            return self
+        if not self.dim:
+            object.__setattr__(self, "dim", dim)
+        return self
 
 
 class HeadSettings(_Section):

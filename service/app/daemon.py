@@ -89,18 +89,24 @@ class Daemon:
     def __init__(self, settings: Settings, *, role: str) -> None:
         self.s = settings
         self.role = role
-        self.backbone = LazyBackbone(settings.backbone)
+        self.backbone = LazyBackbone(wiring.backbone_options(settings.backbone))
         self.registry = ModelRegistry(Path(settings.export.registry_dir), keep=settings.export.keep)
         self.slot = ModelSlot(settings.serving.versions_loaded)
         self.parts = wiring.Parts(settings, self.backbone, self.registry, self.slot)
         self.loop: Learner | None = None
         self.crashed = False
         metrics.BUILD_INFO.info({"version": _version(), "role": role, "head": settings.head.kind,
-                                 "backbone": settings.backbone.name})
+                                 "backbone": self.backbone.identity})
 
     # -- startup -------------------------------------------------------------------------------
     async def run(self, stop: threading.Event) -> None:
-        """Start every part of this role, wait for ``stop``, shut down in order."""
+        """Start every part of this role, wait for ``stop``, shut down in order.
+
+        Raises ``BackboneChanged`` before opening anything when the newest snapshot was learned with
+        another backbone (and ``backbone.on_backbone_change`` is ``refuse``).
+        """
+        if self.role in ("all", "learn") and not self.s.kafka.scale_out:
+            wiring.check_snapshot_backbone(self.parts)
         if self.role != "merge":  # the merger never embeds
             self.backbone.warm_in_background()
         self._load_current_model()

@@ -17,20 +17,22 @@ from typing import Any
 import numpy as np
 from kafka import KafkaConsumer
 
+from learner.backbone import backbone_dim
 from learner.heads import make_head
 from memory import ReplayMemory
 from memory.compensation import DEFAULT_CAPACITY, ErrorMemory
-from service.app.config import HeadSettings, KafkaSettings, ServingSettings, Settings
+from service.app.config import BackboneSettings, HeadSettings, KafkaSettings, ServingSettings, Settings
 from service.core.batch import Reject
 from service.core.restore import restore_state
 from service.core.snapshots import SnapshotStore
 from service.core.state import LearnerState, new_state
+from service.errors import BackboneChanged
 from service.kafka.clients import ClientSecurity, DeadLetterWriter, ensure_topics, make_consumer, make_producer
 from service.kafka.control import ControlPublisher, control_consumer
 from service.kafka.deltas import DeltaRecord, deltas_consumer, ensure_deltas_topic, read_latest
 from service.kafka.refetch import KafkaRefetcher
 from service.kafka.review import KafkaReviewSink
-from service.models.backbone import LazyBackbone
+from service.models.backbone import BackboneOptions, LazyBackbone
 from service.models.exporter import Exporter
 from service.models.registry import ModelRegistry
 from service.models.served import ModelSlot
@@ -134,10 +136,53 @@ def build_exporter(parts: Parts) -> Exporter:
                     parity_tolerance=s.export.parity_tolerance, max_accuracy_drop=s.export.max_accuracy_drop)
 
 
+def backbone_options(b: BackboneSettings) -> BackboneOptions:
+    """The backbone section as plain values for ``LazyBackbone``."""
+    name = b.name if isinstance(b.name, str) else tuple(b.name)
+    try:
+        encoders = backbone_dim(b.name, models_dir=Path(b.models_dir))
+    except (ValueError, OSError):
+        encoders = b.dim  # not installed: the first load says how to install it
+    if encoders != b.dim:
+        log.warning("backbone.dim=%d but %s gives %d: a features-only stream of width %d; text events will be "
+                    "dead-lettered (leave backbone.dim unset to follow the encoders)", b.dim, b.name, encoders, b.dim)
+    return BackboneOptions(name=name, dim=b.dim, runtime=b.runtime, precision=b.precision, device=b.device,
+                           max_tokens=b.max_tokens, batch_size=b.batch_size, threads=b.threads,
+                           cache_dir=Path(b.cache_dir), models_dir=Path(b.models_dir))
+
+
+def check_snapshot_backbone(parts: Parts) -> None:
+    """Refuse (``BackboneChanged``) or set aside a newest snapshot learned with another backbone.
+
+    Statistics of two encoders do not mix (different spaces, often different widths), so resuming
+    would silently serve nonsense. ``backbone.on_backbone_change = "fresh"`` moves every snapshot
+    to ``<checkpoint.dir>/set-aside-<unix time>/`` and lets the daemon start from nothing.
+    """
+    s = parts.settings
+    store = SnapshotStore(Path(s.checkpoint.dir), keep=s.checkpoint.keep)
+    restored = store.latest()
+    if restored is None:
+        return
+    old, new = str(restored.get("backbone_identity", "")), parts.backbone.identity
+    if not old or old == new:
+        return
+    if s.backbone.on_backbone_change == "refuse":
+        raise BackboneChanged(f"snapshot in {s.checkpoint.dir} was learned with backbone {old}, this process "
+                              f"runs {new}: refusing to mix them (run the old backbone, or set "
+                              f"EDDY_BACKBONE__ON_BACKBONE_CHANGE=fresh to set the snapshots aside and relearn)")
+    aside = store.set_aside()
+    log.warning("snapshot learned with backbone %s set aside in %s; learning from nothing with %s", old, aside, new)
+
+
 def restored_state(parts: Parts) -> tuple[LearnerState, SnapshotStore]:
-    """A fresh learner state, restored from the newest snapshot when there is one; and its store."""
+    """A fresh learner state, restored from the newest snapshot when there is one; and its store.
+
+    Raises ``BackboneChanged`` when that snapshot was learned with another backbone (see
+    ``check_snapshot_backbone``).
+    """
     s, k = parts.settings, parts.settings.kafka
     identity = parts.backbone.identity
+    check_snapshot_backbone(parts)
     state = new_state(s.head.kind, head_params(s.head), build_memory(s), window=k.dedupe_window,
                       backbone_identity=identity, errors=build_error_memory(s))
     store = SnapshotStore(Path(s.checkpoint.dir), keep=s.checkpoint.keep)
@@ -146,11 +191,6 @@ def restored_state(parts: Parts) -> tuple[LearnerState, SnapshotStore]:
         restore_state(state, restored, s.head.kind, head_params(s.head))  # rebuilds a head whose settings changed
         parts.registry.observe(state.model_version)  # a lost manifest must not send versions backwards
         log.info("restored snapshot: %d events learned, offsets %s", state.counters.learned, state.offsets)
-        if state.backbone_identity != identity:
-            # Text statistics from two encoders do not mix; feature-only streams are unaffected.
-            log.warning("snapshot was learned with backbone %s, this process runs %s: text events now "
-                        "embed differently from those already learned", state.backbone_identity, identity)
-            state.backbone_identity = identity
     return state, store
 
 

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,14 @@ class SnapshotStore:
                 yield path, unpack(path.read_bytes())
             except (CheckpointError, OSError, ValueError) as exc:
                 log.warning("skipping snapshot %s: %s", path.name, exc)
+
+    def set_aside(self) -> Path:
+        """Move every snapshot into ``<root>/set-aside-<unix time>/`` (kept, never read again); its path."""
+        aside = self.root / f"set-aside-{int(time.time())}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for _, path in self._numbered():
+            path.rename(aside / path.name)
+        return aside
 
     def latest(self) -> dict[str, Any] | None:
         """The newest valid snapshot's state, or None if there is none."""

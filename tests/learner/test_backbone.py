@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from learner.backbone import Backbone, load_backbone, model_dir
+from learner.backbone import Backbone, load_backbone, model_dir, onnx_cache_path
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".eddy" / "cache" / "tests"  # git-ignored; shared by test runs so export happens once
@@ -75,7 +75,7 @@ def test_identity_names_model_and_weights(onnx_backbone: Backbone, torch_backbon
 
 
 def test_second_load_reuses_cached_export(onnx_backbone: Backbone) -> None:
-    path = CACHE / f"backbone-{onnx_backbone.identity}.onnx"
+    path = onnx_cache_path(onnx_backbone.identity, CACHE)
     before = path.stat().st_mtime_ns
     again = load_backbone(NAME, cache_dir=CACHE)
     assert path.stat().st_mtime_ns == before
@@ -88,7 +88,7 @@ def test_unknown_name_and_bad_arguments_raise() -> None:
         load_backbone("bert-huge")
     with pytest.raises(ValueError, match="max_tokens must be in"):
         load_backbone(NAME, max_tokens=1000)
-    with pytest.raises(ValueError, match="runtime must be"):
+    with pytest.raises(ValueError, match="runtime/precision/device must be"):
         load_backbone(NAME, runtime="tpu", cache_dir=CACHE)  # type: ignore[arg-type]
 
 
@@ -100,6 +100,6 @@ def test_single_string_is_rejected(onnx_backbone: Backbone) -> None:
 @pytest.mark.slow
 def test_fresh_export_writes_one_file(tmp_path: Path, reference: np.ndarray) -> None:
     backbone = load_backbone(NAME, cache_dir=tmp_path / "cache")
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"backbone-{backbone.identity}.onnx"]
+    assert list((tmp_path / "cache").iterdir()) == [onnx_cache_path(backbone.identity, tmp_path / "cache")]
     np.testing.assert_allclose(backbone.embed(TEXTS), reference, atol=1e-5, rtol=0)
     assert os.environ["HF_HUB_OFFLINE"] == "1"

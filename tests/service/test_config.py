@@ -114,3 +114,15 @@ def test_limits_are_validated():
         load_settings(serving={"max_top_k": 0})
     s = load_settings(serving={"max_connections": 3, "max_request_chars": 100})
     assert (s.serving.max_connections, s.serving.max_request_chars) == (3, 100)
+
+
+def test_backbone_dim_follows_the_chosen_encoders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().backbone.dim == 384
+    two = load_settings(backbone={"name": ["all-MiniLM-L6-v2", "all-MiniLM-L6-v2"], "precision": "int8"})
+    assert two.backbone.dim == 768 and two.backbone.name == ["all-MiniLM-L6-v2", "all-MiniLM-L6-v2"]
+    assert load_settings(backbone={"dim": 64}).backbone.dim == 64  # a features-only stream of that width
+    with pytest.raises(ConfigError, match="eddy models install all-mpnet-base-v2"):
+        load_settings(backbone={"name": "all-mpnet-base-v2", "models_dir": str(tmp_path)})
+    # Given its dim, a daemon may start before the model is installed (feature streams still work).
+    assert load_settings(backbone={"name": "all-mpnet-base-v2", "models_dir": str(tmp_path), "dim": 768})

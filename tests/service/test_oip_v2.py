@@ -151,3 +151,28 @@ def test_infer_text_with_the_real_backbone() -> None:
         status, message = _status(client.infer, "eddy", [long])
         assert status == "StatusCode.INVALID_ARGUMENT" and "at most 200" in message
         client.close()
+
+
+def _oip_parameters(message: pb.ModelMetadataResponse) -> dict[str, str]:
+    """Read ``parameters`` (field 6) the way a client compiled from the OIP proto does."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    f = descriptor_pb2.FileDescriptorProto(name="oip_meta_test.proto", package="oiptest", syntax="proto3")
+    param = f.message_type.add(name="Param")
+    param.field.add(name="string_param", number=3, type=9, label=1)
+    meta = f.message_type.add(name="Meta")
+    entry = meta.nested_type.add(name="ParametersEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=9, label=1)
+    entry.field.add(name="value", number=2, type=11, label=1, type_name=".oiptest.Param")
+    meta.field.add(name="parameters", number=6, type=11, label=3, type_name=".oiptest.Meta.ParametersEntry")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("oiptest.Meta"))
+    parsed = cls.FromString(message.SerializeToString())
+    return {k: v.string_param for k, v in parsed.parameters.items()}
+
+
+def test_model_metadata_names_the_backbone(client: tc.InferenceServerClient) -> None:
+    model = client.get_model_metadata("eddy")
+    assert _oip_parameters(model) == {"backbone": "test-backbone", "head_kind": "ridge"}

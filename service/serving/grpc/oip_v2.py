@@ -119,8 +119,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                    tensor(name=UNKNOWN, datatype="BOOL", shape=[-1]),
                    tensor(name=SCORE, datatype="FP32", shape=[-1])]
         versions = [str(v) for v in reversed(self.predictor.slot.loaded_versions())]
-        return pb.ModelMetadataResponse(name=self.model_name, versions=versions,
-                                        platform="onnxruntime_onnx", inputs=inputs, outputs=outputs)
+        response = pb.ModelMetadataResponse(name=self.model_name, versions=versions,
+                                            platform="onnxruntime_onnx", inputs=inputs, outputs=outputs)
+        response.MergeFromString(metadata_parameters({"backbone": model.backbone_identity or "none",
+                                                      "head_kind": model.head_kind}))
+        return response
 
     async def infer(self, request: pb.ModelInferRequest, timing: Timing) -> pb.ModelInferResponse:
         """Top-k labels and probabilities for a batch of texts or feature rows; ``RequestError`` if not."""
@@ -209,6 +212,31 @@ def _bool_parameter(parameters: Any, key: str, *, default: bool) -> bool:
     if kind == "string_param" and param.string_param.strip().lower() in ("true", "false"):
         return param.string_param.strip().lower() == "true"
     raise invalid(f"parameter {key!r} must be a boolean, got {kind}")
+
+
+def metadata_parameters(values: dict[str, str]) -> bytes:
+    """``ModelMetadataResponse.parameters`` (field 6, ``map<string, InferParameter>``) as wire bytes.
+
+    The Open Inference Protocol's proto (KServe, MLServer) has this map; tritonclient's compiled
+    proto predates it, so the entries travel as an unknown field that protobuf keeps and
+    serialises: clients built from the OIP proto read them as ``parameters``.
+    """
+    out = b""
+    for key, value in values.items():
+        k = key.encode()
+        v = pb.InferParameter(string_param=value).SerializeToString()
+        entry = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(v)) + v
+        out += b"\x32" + _varint(len(entry)) + entry  # field 6, length-delimited
+    return out
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def _int_parameter(parameters: Any, key: str, *, default: int) -> int:
