@@ -58,14 +58,14 @@ class DaemonProc:
         """Wait until ``cond(metric)`` holds and return the metric; fail at once if the daemon exited."""
         last = [float("nan")]
 
-        def check() -> float | None:
+        def check() -> tuple[float] | None:  # a tuple: a metric of 0 that meets ``cond`` is still "done"
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
             last[0] = self.metric(name)
-            return last[0] if cond(last[0]) else None
+            return (last[0],) if cond(last[0]) else None
 
         try:
-            value = wait_for(check, timeout, message=name, ignore=(OSError,))
+            (value,) = wait_for(check, timeout, message=name, ignore=(OSError,))
         except AssertionError as exc:
             if "daemon exited" in str(exc):
                 raise
