@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import pytest
+
 T = TypeVar("T")
 
 
@@ -71,3 +73,10 @@ def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0, **con
     finally:
         consumer.close()
     return records
+
+
+# Several consumers joining one group at the same moment: in about one run in ten on these machines,
+# kafka-python 3.0.12 leaves one member waiting in JoinGroup while the other keeps every partition
+# (seen in CI: the stuck member later leaves with UnknownMemberIdError). The tests that need several
+# members to share partitions run once more when that happens; twice in a row still fails.
+GROUP_JOIN_RERUN = pytest.mark.flaky(reruns=1, reruns_delay=2)

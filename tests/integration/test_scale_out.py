@@ -20,7 +20,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from learner.heads import make_head
 from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
 from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
-from tests.helpers import wait_for
+from tests.helpers import GROUP_JOIN_RERUN, wait_for
 from tests.integration.daemon import REPO, DaemonProc, daemon_env, start_daemon
 from tests.integration.streams import feature_events
 
@@ -116,6 +116,7 @@ def _committed_total(bootstrap: str, group: str, topic: str) -> tuple[int, int]:
     return sum(om.offset for tp, om in committed.items() if tp.topic == topic), end
 
 
+@GROUP_JOIN_RERUN
 def test_three_replicas_one_killed_merge_to_the_single_learner_statistics(kafka_bootstrap, topic_name, tmp_path):
     events = feature_events(N_EVENTS, N_CLASSES, seed=11)
     _create_topic(kafka_bootstrap, topic_name)

@@ -25,6 +25,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 
 from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
 from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
+from tests.helpers import GROUP_JOIN_RERUN
 from tests.integration.daemon import DaemonProc, daemon_env, start_daemon
 from tests.integration.reference import RIDGE_ENV, assert_statistics_equal, reference_statistics
 from tests.integration.streams import feature_events
@@ -115,6 +116,7 @@ def _admin_forget_label(addr: str, label: str) -> str:
     return dict(call.trailing_metadata() or ()).get("eddy-forget-published", "")
 
 
+@GROUP_JOIN_RERUN
 def test_forget_in_scale_out_equals_single_process_and_leaves_the_served_model(kafka_bootstrap, topic_name,
                                                                                tmp_path):
     events = feature_events(4_000, 6, seed=31)
@@ -183,6 +185,7 @@ def test_forget_in_scale_out_equals_single_process_and_leaves_the_served_model(k
     assert_statistics_equal(merged_stats, reference_statistics(v for i, _, v in events if i not in gone))
 
 
+@GROUP_JOIN_RERUN
 @pytest.mark.parametrize("kill_at", ["forget_applied", "forget_published"])
 def test_a_replica_killed_around_a_forget_neither_loses_nor_repeats_it(kafka_bootstrap, topic_name, tmp_path,
                                                                        kill_at):
