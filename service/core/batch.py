@@ -94,6 +94,7 @@ class BatchOutcome:
     skipped_forgotten: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
     new_classes: list[str] = field(default_factory=list)
+    n_classes: int | None = None  # the head's classes once this batch is in it (None: nothing learned)
     correct: int = 0
     predicted: int = 0
     X: np.ndarray | None = None
@@ -324,6 +325,7 @@ def _learn(state: LearnerState, X: np.ndarray, kept: list[tuple[Record, Event]],
     head_updates.settle()  # the previous batch's update: classes_ is read next
     known = set(state.head.classes_)
     out.new_classes = list(dict.fromkeys(label for label in labels if label not in known))
+    out.n_classes = len(known) + len(out.new_classes)  # the update may still be running after this returns
     head_updates.start(state.head, X, labels)
     ids = [ev.id for _, ev in kept]
     if state.memory is not None:

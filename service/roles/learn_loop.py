@@ -227,7 +227,7 @@ class LearnLoop:
             assert out.X is not None
             self.recent.extend(out.X, out.labels)
         if out.new_classes:  # the head may still be learning them (HeadAhead)
-            metrics.CLASSES.set(len(set(self.state.head.classes_).union(out.new_classes)))
+            metrics.CLASSES.set(out.n_classes or 0)
         self.exports.note_learned(len(records), changed=changed, new_class=bool(out.new_classes),
                                   received_at=records[0].received_at)
         self.snapshots.since += len(records)
@@ -314,6 +314,7 @@ class LearnLoop:
         metrics.set_broker_up(broker_reachable(self.consumer))
         if self.predicted:
             metrics.PREQUENTIAL_ACCURACY.labels(head=self.opt.head_label).set(self.correct / self.predicted)
+        self._head.settle()  # the batch in flight too: the gauge never steps back
         metrics.CLASSES.set(len(self.state.head.classes_))
         if self.state.memory is not None:
             metrics.MEMORY_ITEMS.set(len(self.state.memory))
