@@ -18,6 +18,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from learner.heads import make_head
+from service.kafka.clients import ensure_topics
 from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
 from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 from tests.helpers import GROUP_JOIN_RERUN, wait_for
@@ -70,15 +71,6 @@ def _wait_merged(merger: DaemonProc, learners: list[DaemonProc], n: int, timeout
         raise AssertionError(f"merger did not reach {n} events:\n{merger.log()[-3000:]}") from None
 
 
-def _create_topic(bootstrap: str, topic: str) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.create_topics({topic: {"num_partitions": N_PARTITIONS, "replication_factor": -1}})
-        admin.wait_for_topics([topic], timeout_ms=30_000)
-    finally:
-        admin.close()
-
-
 def _produce(bootstrap: str, topic: str, events: list[tuple[str, str, bytes]], rate: float) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
     start, chunk = time.monotonic(), 500
@@ -119,7 +111,7 @@ def _committed_total(bootstrap: str, group: str, topic: str) -> tuple[int, int]:
 @GROUP_JOIN_RERUN
 def test_three_replicas_one_killed_merge_to_the_single_learner_statistics(kafka_bootstrap, topic_name, tmp_path):
     events = feature_events(N_EVENTS, N_CLASSES, seed=11)
-    _create_topic(kafka_bootstrap, topic_name)
+    ensure_topics(kafka_bootstrap, {topic_name: N_PARTITIONS})
     env = daemon_env(tmp_path, kafka_bootstrap, topic_name,
                      EDDY_KAFKA__SCALE_OUT="true", EDDY_KAFKA__DELTAS_TOPIC=f"{topic_name}.deltas",
                      EDDY_HEAD__EXPANSION_WIDTH=str(HEAD["expansion_width"]), EDDY_HEAD__RIDGE_LAMBDA="1.0",

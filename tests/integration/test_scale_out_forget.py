@@ -21,8 +21,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from kafka import KafkaAdminClient, KafkaProducer
+from kafka import KafkaProducer
 
+from service.kafka.clients import ensure_topics
 from service.serving.grpc.gen.eddy.v1 import inference_pb2 as pb
 from service.serving.grpc.gen.eddy.v1 import inference_pb2_grpc as pb_grpc
 from tests.helpers import GROUP_JOIN_RERUN
@@ -38,15 +39,6 @@ LEARNED = 'eddy_events_total{result="learned"}'
 FORGOTTEN = 'eddy_events_total{result="forgotten"}'
 UNKNOWN = "eddy_forget_unknown_ids_total"
 NEVER_PRODUCED = ["ghost-1", "ghost-2", "ghost-3", "ghost-4", "ghost-5"]
-
-
-def _create_topic(bootstrap: str, topic: str) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.create_topics({topic: {"num_partitions": N_PARTITIONS, "replication_factor": -1}})
-        admin.wait_for_topics([topic], timeout_ms=30_000)
-    finally:
-        admin.close()
 
 
 def _scale_out_env(tmp_path: Path, bootstrap: str, topic: str, **extra: str) -> dict[str, str]:
@@ -122,7 +114,7 @@ def test_forget_in_scale_out_equals_single_process_and_leaves_the_served_model(k
     events = feature_events(4_000, 6, seed=31)
     label = "class-02"
     ids, gone = _plan(events, label, 150)
-    _create_topic(kafka_bootstrap, topic_name)
+    ensure_topics(kafka_bootstrap, {topic_name: N_PARTITIONS})
     env = _scale_out_env(tmp_path, kafka_bootstrap, topic_name)
     single_env = {**env, "EDDY_KAFKA__SCALE_OUT": "false", "EDDY_KAFKA__GROUP_ID": f"{topic_name}.single",
                   "EDDY_CHECKPOINT__DIR": str(tmp_path / "single"),
@@ -192,7 +184,7 @@ def test_a_replica_killed_around_a_forget_neither_loses_nor_repeats_it(kafka_boo
     events = feature_events(1_200, 4, seed=41)
     label = "class-01"
     ids, gone = _plan(events, label, 60)
-    _create_topic(kafka_bootstrap, topic_name)
+    ensure_topics(kafka_bootstrap, {topic_name: N_PARTITIONS})
     env = _scale_out_env(tmp_path, kafka_bootstrap, topic_name)
     merger_ckpt = tmp_path / "merger"
     procs: list[DaemonProc] = []
